@@ -1,5 +1,6 @@
-"""A small OpenAI-compatible judge server that answers rewards.py's built-in prompts with
-the lexical judge, and can be told to fail. For the judge tests and for benchmarks:
+"""A small OpenAI-compatible judge server that answers the built-in prompts of rewards.py
+(and of evaluate.py and data.py) with the lexical judge, and can be told to fail. For the
+judge tests and for benchmarks:
 
     python tests/judge_server.py --port 8123 --latency 0.05 --model judge-test
 
@@ -34,6 +35,8 @@ def answer_prompt(prompt):
     for name, template in rewards.TEMPLATES.items():
         if prompt.startswith(template.split("\n", 1)[0]):
             return rewards.LEXICAL[name](unrender(template, prompt))
+    if prompt.startswith("[VideoCap-R1 data task: "):
+        return answer_data_prompt(prompt)
     return answer_eval_prompt(prompt)
 
 
@@ -56,6 +59,15 @@ def answer_eval_prompt(prompt):
     for name, template in evaluate.TEMPLATES.items():
         if prompt.startswith(template.split("\n", 1)[0]):
             return evaluate.LEXICAL[name](unrender(template, prompt))
+    return "OK"
+
+
+# ---- data.py's judge step (subjects, for `data.py prepare`): answered from data.TEMPLATES and data.LEXICAL
+def answer_data_prompt(prompt):
+    import data  # only here, like evaluate above
+    for name, template in data.TEMPLATES.items():
+        if prompt.startswith(template.split("\n", 1)[0]):
+            return data.LEXICAL[name](unrender(template, prompt))
     return "OK"
 
 
