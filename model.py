@@ -11,8 +11,10 @@ H hidden size, V vocabulary.
 Beyond the paper (which says nothing about how rollouts are computed):
 - Group rollout: the usual GRPO code (HF generate with num_return_sequences=G) repeats each prompt G times, so
   the vision tower and the prefill of thousands of visual tokens run G times per video. `generate` runs them
-  once per prompt, copies the KV cache to the G rows, and decodes the N rows together with its own loop; rows
-  that end are dropped from the batch. Greedy outputs equal per-row generation token for token (tests).
+  once per prompt, copies the KV cache to the G rows (into buffers with room for the completion, so that a
+  step writes in place instead of re-concatenating the cache) and decodes the N rows together with its own
+  loop; rows that end are dropped from the batch. Greedy outputs equal per-row generation token for token
+  (tests). bench.py measures it against HF generate with num_return_sequences=G.
 - M-RoPE positions are always computed here (`rope_positions`, Qwen's published rule) and passed to the
   model explicitly, in the rollout and in the log-prob pass alike; the model's stateful `rope_deltas` is not
   used. Transformers 5 silently falls back to 1-D RoPE when `mm_token_type_ids` is missing: here it is an error.
@@ -30,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import DynamicLayer
 
 KINDS = ("qwen2_vl", "qwen2_5_vl")
 CHECKPOINTS = {"qwen2_vl": "Qwen2-VL-7B-Instruct", "qwen2_5_vl": "Qwen2.5-VL-7B-Instruct"}
@@ -346,10 +349,44 @@ def prefill(hf_model, batch):
     return hf_model.lm_head(hidden[:, -1]), DecodeState(cache, attention_mask, positions.amax((0, 2)) + 1, rows)
 
 
-def expand(logits, state, group_size):
-    """Copy each prompt's logits and decode state to its G rows: (B, ...) -> (B*G, ...), row b*G+g from b.
-    Positions need no other change: the model's rope deltas are folded into state.positions."""
-    state.cache.batch_repeat_interleave(group_size)          # every layer's keys and values (B*G, heads, L, hd)
+class GroupLayer(DynamicLayer):
+    """One decoder layer's KV cache in the decode loop: each prompt's keys and values copied to its G rows, in
+    buffers with room for the completion, so that a step writes its token in place. transformers' DynamicLayer
+    concatenates instead, copying the whole cache on every step (half of a CPU decode step at 4K prompt tokens).
+    `keys` and `values` are views of the filled part, which is what DynamicLayer's callers read. (A class
+    because transformers' Cache calls its layers' methods.)"""
+
+    def __init__(self, keys, values, group_size, room):
+        super().__init__()
+        B, heads, S, hd = keys.shape                                       # (B, heads, L, hd)
+        self.buffers = []
+        for x in (keys, values):
+            buffer = x.new_empty(B * group_size, heads, S + room, hd)      # (B*G, heads, L + room, hd)
+            buffer.view(B, group_size, heads, S + room, hd)[..., :S, :] = x[:, None]
+            self.buffers.append(buffer)
+        self.length, self.device, self.is_initialized = S, keys.device, True
+        self.keys, self.values = (b[:, :, :S] for b in self.buffers)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        s = key_states.shape[-2]
+        if self.length + s > self.buffers[0].shape[2]:
+            raise RuntimeError(f"GroupLayer: no room for {s} more tokens after {self.length}")
+        for buffer, x in zip(self.buffers, (key_states, value_states)):
+            buffer[:, :, self.length:self.length + s] = x
+        self.length += s
+        self.keys, self.values = (b[:, :, :self.length] for b in self.buffers)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices):
+        self.buffers = [b[indices] for b in self.buffers]
+        self.keys, self.values = (b[:, :, :self.length] for b in self.buffers)
+
+
+def expand(logits, state, group_size, room):
+    """Copy each prompt's logits and decode state to its G rows: (B, ...) -> (B*G, ...), row b*G+g from b; the
+    cache gets room for `room` more tokens (GroupLayer). Positions need no other change: the model's rope
+    deltas are folded into state.positions."""
+    state.cache.layers = [GroupLayer(layer.keys, layer.values, group_size, room) for layer in state.cache.layers]
     rows = torch.arange(len(state.rows) * group_size, device=state.rows.device)
     return logits.repeat_interleave(group_size, 0), DecodeState(
         state.cache, state.attention_mask.repeat_interleave(group_size, 0),
@@ -358,7 +395,7 @@ def expand(logits, state, group_size):
 
 def keep_rows(state, keep):
     """Drop the cache rows whose `keep` (n,) is False, so finished rows stop costing compute. This copies the
-    cache once, as DynamicCache's torch.cat does on every step anyway, so it is done as soon as a row ends."""
+    kept rows' cache once; a decode step reads all of it, so it pays as soon as a row ends."""
     index = keep.nonzero().squeeze(-1)
     state.cache.batch_select_indices(index)
     return DecodeState(state.cache, state.attention_mask[index], state.positions[index], state.rows[index])
@@ -393,7 +430,7 @@ def generate(hf_model, batch, group_size, max_new_tokens, temperature, top_p, eo
     ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)    # (N, T)
     lengths = torch.zeros(N, dtype=torch.long, device=device)
     ended = torch.zeros(N, dtype=torch.bool, device=device)
-    logits, state = expand(*prefill(hf_model, batch), group_size)                     # (N, V)
+    logits, state = expand(*prefill(hf_model, batch), group_size, max_new_tokens)     # (N, V)
     for t in range(max_new_tokens):
         tokens = sample(ban(logits, banned), temperature, top_p, generator)          # (n,)
         live = ~ended[state.rows]                        # False only for rows kept after ending (see sync)

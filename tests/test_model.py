@@ -181,7 +181,7 @@ def test_expanded_cache_gives_fresh_prefill_logits(frozen, kind):
     model, _, batch = frozen(kind)
     G = 2
     with torch.no_grad():
-        logits, state = M.expand(*M.prefill(model, batch), G)
+        logits, state = M.expand(*M.prefill(model, batch), G, room=1)
         tokens = torch.arange(len(state.rows)) + 40                       # a different next token per row
         next_logits, _ = M.decode_one_token(model, tokens, state)
         for n in range(len(state.rows)):

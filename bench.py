@@ -1,0 +1,340 @@
+"""Speed and memory of the rollout and the log-prob pass, against the usual approach, in one process.
+
+    python bench.py            # CPU figures (a few minutes on 2 cores); GPU figures too when CUDA is there
+    python bench.py --quick    # small shapes, under a minute: what tests/test_bench.py runs
+
+1. Rollout. model.generate (vision tower and prefill once per prompt, KV cache copied to the G rows) against
+   HF generate with num_return_sequences=G (the prompt repeated G times, as Video-R1 and R1-V do), on the same
+   random Qwen2-VL model, inputs and greedy settings, for prompts of about 1K and 4K visual tokens, G = 8, 128
+   new tokens. Both ban the vision placeholder tokens (HF through suppress_tokens) and run without an end token,
+   so both generate exactly 128 tokens; the outputs must be identical.
+2. Log-probs. model.selective_log_softmax (chunks of tokens) against a plain full-logits log_softmax at
+   V = 151,936, T = 2048, N = 8 (no-grad, as in the old and reference passes): peak memory above the inputs
+   (on CPU the kernel's resident high-water mark, reset before each) and time; the largest difference.
+3. GPU only: decode tokens/s of a group of 8 after a 4K-token video prompt on a random model of Qwen2-VL-7B's
+   shape in bf16, with the share of the memory-bandwidth bound (weights and KV cache read per step against the
+   card's bandwidth), and the MFU of the policy's forward+backward with gradient checkpointing on ~4K tokens.
+
+The rollout prompts use grids whose frame count is at most their merged side: there transformers' own M-RoPE
+positions for the text after the video (which ignore the temporal axis, see model.rope_positions) coincide
+with Qwen's rule that model.py follows, so the two generators see the same positions.
+"""
+import argparse
+import math
+import sys
+import time
+
+import torch
+
+import model as model_lib
+
+# Qwen2-VL's special tokens as offsets from <|endoftext|>, 151643 in its tokenizer; a small vocabulary holds them
+# at its end
+SPECIAL = dict(endoftext=0, im_start=1, vision_start=9, vision_end=10, image_pad=12, video_pad=13)
+# Text: hidden, layers, heads, kv heads, MLP; vision: depth, width, heads; vocab. The CPU shape keeps the 7B's
+# proportions where they decide the timing: its lm_head holds 9% of the decoder's weights (7B: 8%), and its vision
+# tower costs 0.53x the decoder's prefill per video (7B: 0.44x; 4 patches per token, 4 * vision / decoder weights).
+# With Qwen's 151,936 tokens at hidden 512 the lm_head would be 7x the decoder and most of a decode step; that
+# shape's 4K row is printed too ("cpu-qwen-vocab").
+SHAPES = {
+    "cpu": dict(hidden=512, layers=4, heads=8, kv_heads=2, mlp=1376, depth=4, width=128, vision_heads=2,
+                vocab=2048),
+    "cpu-qwen-vocab": dict(hidden=512, layers=4, heads=8, kv_heads=2, mlp=1376, depth=4, width=128,
+                           vision_heads=2, vocab=151936),
+    "quick": dict(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, depth=2, width=32, vision_heads=2,
+                  vocab=2048),
+    "7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, mlp=18944, depth=32, width=1280, vision_heads=16,
+               vocab=152064),  # Qwen2-VL-7B-Instruct's config.json
+}
+BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # bytes/s of HBM (SXM cards)
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12}   # dense bf16 FLOP/s
+
+
+def special_ids(vocab):
+    """{name: id} of the special tokens (SPECIAL) in a vocabulary of `vocab` tokens."""
+    base = 151643 if vocab >= 151643 + 16 else vocab - 16
+    return {name: base + offset for name, offset in SPECIAL.items()}
+
+
+def random_model(shape, dtype, device, seed=0):
+    """A random Qwen2VLForConditionalGeneration of `shape` (SHAPES) in eval mode. Init std 0.2 on the small
+    shapes, as model.build_tiny: with the usual 0.02 the logits are near-uniform and greedy argmaxes can tie."""
+    from transformers import AutoConfig
+    s = SHAPES[shape]
+    std = 0.02 if shape == "7b" else 0.2
+    ids = special_ids(s["vocab"])
+    text = dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"],
+                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                max_position_embeddings=32768, initializer_range=std,
+                bos_token_id=ids["endoftext"], eos_token_id=ids["endoftext"], pad_token_id=ids["endoftext"],
+                # Qwen2-VL's sections of the rotary frequencies, scaled to this head size (7B: 16, 24, 24 of 64)
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                 "mrope_section": _sections(s["hidden"] // s["heads"] // 2)})
+    vision = dict(depth=s["depth"], embed_dim=s["width"], hidden_size=s["hidden"], num_heads=s["vision_heads"],
+                  mlp_ratio=4, initializer_range=std)
+    config = AutoConfig.for_model("qwen2_vl", text_config=text, vision_config=vision, tie_word_embeddings=False,
+                                  initializer_range=std, image_token_id=ids["image_pad"],
+                                  video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
+                                  vision_end_token_id=ids["vision_end"])
+    torch.manual_seed(seed)
+    with torch.device(device):
+        hf = model_lib._model_class("qwen2_vl")._from_config(config, dtype=dtype)
+    return hf.eval().requires_grad_(False)
+
+
+def _sections(half):
+    """Split `half` rotary frequencies over (temporal, height, width) as Qwen2-VL's 16/24/24 of 64 does."""
+    t = half // 4
+    return [t, (half - t) // 2, half - t - (half - t) // 2]
+
+
+def video_prompt(hf, visual_tokens, device, seed=0):
+    """A collated batch of one prompt: system-like text, <|vision_start|>, `visual_tokens` video tokens,
+    <|vision_end|>, an instruction, with random patches. The grid is t frames of side x side merged tokens,
+    side 16 (8 below 256 tokens) and t <= side (see the module docstring)."""
+    side = 16 if visual_tokens >= 256 else 8
+    t = max(1, visual_tokens // side ** 2)
+    merge, patch = hf.config.vision_config.spatial_merge_size, hf.config.vision_config.patch_size
+    tps = hf.config.vision_config.temporal_patch_size
+    g = torch.Generator().manual_seed(seed)
+    special = special_ids(hf.config.text_config.vocab_size)
+    text = lambda n: torch.randint(0, special["endoftext"], (n,), generator=g)  # noqa: E731  (ordinary tokens)
+    n_video = t * side * side
+    ids = torch.cat([torch.tensor([special["im_start"]]), text(20), torch.tensor([special["vision_start"]]),
+                     torch.full((n_video,), special["video_pad"]), torch.tensor([special["vision_end"]]),
+                     text(40)])[None]                                                                # (1, L)
+    P = n_video * merge * merge                                                     # patches
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "mm_token_type_ids": (2 * (ids == special["video_pad"])).to(device),
+            "pixel_values_videos": torch.randn(P, 3 * tps * patch * patch, generator=g).to(device, hf.dtype),
+            "video_grid_thw": torch.tensor([[t, side * merge, side * merge]], device=device)}
+
+
+def timed(fn, device):
+    """(seconds, fn()) with the device synchronised on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+# ----------------------------------------------------------------------------- 1. rollout
+
+def ours(hf, batch, G, new_tokens):
+    """model.generate, greedy, no end token: (N, new_tokens) ids."""
+    rollout = model_lib.generate(hf, batch, G, new_tokens, temperature=0, top_p=1.0, eos_ids=(),
+                                 pad_id=hf.config.text_config.pad_token_id)
+    return rollout.ids
+
+
+def usual(hf, batch, G, new_tokens):
+    """HF generate with num_return_sequences=G, the same banned tokens, no end token: (N, new_tokens). HF refuses
+    greedy decoding with G > 1 returns, so it samples with top_k=1, which keeps only the argmax: greedy."""
+    from transformers import GenerationConfig
+    settings = GenerationConfig(do_sample=True, top_k=1, top_p=1.0, temperature=1.0, num_return_sequences=G, max_new_tokens=new_tokens,
+                                min_new_tokens=0, eos_token_id=None, pad_token_id=hf.config.text_config.pad_token_id,
+                                suppress_tokens=model_lib.vision_token_ids(hf.config))
+    out = hf.generate(**batch, generation_config=settings)
+    return out[:, batch["input_ids"].shape[1]:]
+
+
+def bench_rollout(hf, visual_tokens, G, new_tokens):
+    """Both generators on one prompt: their seconds, generated tokens/s, the ratio, and identical outputs."""
+    device = hf.device
+    batch = video_prompt(hf, visual_tokens, device)
+    for fn in (ours, usual):  # warm up kernels and allocators on a short run
+        fn(hf, video_prompt(hf, 64, device, seed=1), 2, 2)
+    t_ours, ids_ours = timed(lambda: ours(hf, batch, G, new_tokens), device)
+    t_usual, ids_usual = timed(lambda: usual(hf, batch, G, new_tokens), device)
+    tokens = G * new_tokens
+    return {"visual_tokens": int((batch["mm_token_type_ids"] == 2).sum()), "prompt": batch["input_ids"].shape[1],
+            "ours_s": t_ours, "usual_s": t_usual, "ours_tok_s": tokens / t_ours, "usual_tok_s": tokens / t_usual,
+            "speedup": t_usual / t_ours,
+            "identical": ids_ours.shape == ids_usual.shape and bool((ids_ours == ids_usual.to(ids_ours)).all())}
+
+
+# ----------------------------------------------------------------------------- 2. log-probs
+
+def logprob_inputs(V, T, N, H, device, seed=0):
+    """hidden (N*T, H), lm_head weight (V, H), targets (N*T,): the completion tokens of N rows."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N * T, H, generator=g).to(device)
+    weight = (torch.randn(V, H, generator=g) / math.sqrt(H)).to(device)
+    return hidden, weight, torch.randint(0, V, (N * T,), generator=g).to(device)
+
+
+def plain_logp(hidden, weight, targets):
+    """What most GRPO code does: the full (N*T, V) float32 logits, log_softmax, gather."""
+    return torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def chunked_logp(hidden, weight, targets):
+    return model_lib.selective_log_softmax(hidden, weight, targets, 1.0)[0]
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def measured(fn, device):
+    """(seconds, peak bytes allocated while fn ran above what was allocated before, fn()). CUDA: the caching
+    allocator's peak. CPU: Linux's resident-set high-water mark (VmHWM), reset just before (clear_refs 5);
+    torch's CPU allocator returns large blocks to the system at once, so this is the tensors' peak."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        seconds, out = timed(fn, device)
+        return seconds, torch.cuda.max_memory_allocated() - base, out
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kb("VmRSS")
+    seconds, out = timed(fn, device)
+    return seconds, (_status_kb("VmHWM") - base) * 1024, out
+
+
+def bench_logprobs(V, T, N, H, device):
+    """Peak memory above the inputs and seconds of both variants, their ratio, and their largest difference."""
+    hidden, weight, targets = logprob_inputs(V, T, N, H, device)
+    runs = {}
+    with torch.no_grad():
+        for name, fn in (("plain", plain_logp), ("chunked", chunked_logp)):
+            runs[name] = measured(lambda: fn(hidden, weight, targets), device)
+    (plain_s, plain_b, plain), (chunked_s, chunked_b, chunked) = runs["plain"], runs["chunked"]
+    return {"plain_gb": plain_b / 2**30, "chunked_gb": chunked_b / 2**30, "memory_ratio": chunked_b / plain_b,
+            "plain_s": plain_s, "chunked_s": chunked_s, "max_diff": float((plain - chunked).abs().max())}
+
+
+# ----------------------------------------------------------------------------- 3. GPU: decode and MFU
+
+def text_weight_bytes(hf):
+    """Bytes of the decoder read on every decode step: its layers, final norm and lm_head (the embedding is
+    a lookup of n rows, the vision tower does not run)."""
+    skip = {id(p) for p in hf.model.language_model.embed_tokens.parameters()}
+    skip |= {id(p) for p in hf.model.visual.parameters()}
+    return sum(p.numel() * p.element_size() for p in hf.parameters() if id(p) not in skip)
+
+
+def bench_decode(hf, visual_tokens, G, new_tokens, bandwidth):
+    """Decode tokens/s of G rows after one video prompt, and the share of the bandwidth bound: the decode time
+    is a run of 1 + new_tokens tokens minus a run of 1 (the prefill); a step reads the decoder's weights and the
+    G rows' KV cache (at the mean length over the decode)."""
+    device = hf.device
+    batch = video_prompt(hf, visual_tokens, device)
+    ours(hf, batch, G, 2)
+    t_prefill, _ = timed(lambda: ours(hf, batch, G, 1), device)
+    t_all, _ = timed(lambda: ours(hf, batch, G, 1 + new_tokens), device)
+    step = (t_all - t_prefill) / new_tokens
+    c = hf.config.text_config
+    head_dim = c.hidden_size // c.num_attention_heads
+    length = batch["input_ids"].shape[1] + new_tokens / 2
+    kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * length * G * hf.dtype.itemsize
+    bound = (text_weight_bytes(hf) + kv_bytes) / bandwidth if bandwidth else float("nan")
+    return {"visual_tokens": visual_tokens, "prefill_s": t_prefill, "step_ms": step * 1e3,
+            "tok_s": G / step, "bandwidth_share": bound / step}
+
+
+def bench_mfu(hf, visual_tokens, completion, peak_flops):
+    """Forward+backward of model.Policy with gradient checkpointing on one prompt of `visual_tokens` video
+    tokens and a `completion`-token answer: seconds and MFU against 6 * params * tokens plus causal attention
+    (the usual model-FLOPs count; checkpointing's recomputation is not counted as useful work)."""
+    device = hf.device
+    batch = video_prompt(hf, visual_tokens, device)
+    hf.train().requires_grad_(True)
+    hf.activation_checkpointing_enable()
+    policy = model_lib.Policy(hf)
+    ids = torch.randint(0, hf.config.text_config.pad_token_id, (1, completion), device=device)  # ordinary tokens
+    lengths = torch.tensor([completion], device=device)
+
+    def step():
+        logp, _ = policy(batch, ids, lengths, 1.0)
+        logp.sum().backward()
+        hf.zero_grad(set_to_none=True)
+    step()
+    seconds, _ = timed(step, device)
+    c = hf.config.text_config
+    tokens = batch["input_ids"].shape[1] + completion
+    text_params = sum(p.numel() for p in hf.model.language_model.layers.parameters()) + hf.lm_head.weight.numel()
+    vision_params = sum(p.numel() for p in hf.model.visual.parameters())
+    patches = int(batch["video_grid_thw"].prod())
+    flops = (6 * text_params * tokens + 6 * c.num_hidden_layers * c.hidden_size * tokens ** 2
+             + 6 * vision_params * patches)
+    hf.activation_checkpointing_disable()
+    hf.eval().requires_grad_(False)
+    return {"tokens": tokens, "seconds": seconds, "tflops": flops / seconds / 1e12,
+            "mfu": flops / seconds / peak_flops if peak_flops else float("nan")}
+
+
+def card(table):
+    """The table's figure for this GPU by name (H200, H100, A100), or None."""
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in table.items() if k in name), None)
+
+
+# ----------------------------------------------------------------------------- report
+
+def print_rollout(rows, G, new_tokens, label):
+    print(f"\nRollout, {label}: G = {G}, {new_tokens} new tokens each, greedy")
+    print(f"{'visual tokens':>13} {'prompt':>7} {'ours s':>8} {'HF gen. s':>10} {'ours tok/s':>11} "
+          f"{'HF tok/s':>9} {'speed-up':>9}  identical")
+    for r in rows:
+        print(f"{r['visual_tokens']:>13} {r['prompt']:>7} {r['ours_s']:>8.2f} {r['usual_s']:>10.2f} "
+              f"{r['ours_tok_s']:>11.1f} {r['usual_tok_s']:>9.1f} {r['speedup']:>8.2f}x  "
+              f"{'yes' if r['identical'] else 'NO'}")
+
+
+def print_logprobs(r, V, T, N, H, label):
+    print(f"\nLog-probs, {label}: V = {V}, T = {T}, N = {N}, H = {H}, no grad; peak memory above the inputs")
+    print(f"  plain full-logits log_softmax  {r['plain_gb']:7.2f} GiB  {r['plain_s']:6.2f} s")
+    print(f"  chunked (model.py)             {r['chunked_gb']:7.2f} GiB  {r['chunked_s']:6.2f} s")
+    print(f"  memory ratio {r['memory_ratio']:.3f}, largest difference {r['max_diff']:.2e}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes (the test's run)")
+    ap.add_argument("--no-gpu", action="store_true", help="skip the GPU sections even when CUDA is there")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    G = 8
+    if args.quick:
+        shape, visual, new_tokens, (V, T, N, H) = "quick", (64, 256), 16, (16384, 1024, 8, 64)
+    else:
+        shape, visual, new_tokens, (V, T, N, H) = "cpu", (1024, 4096), 128, (151936, 2048, 8, 512)
+    print(f"bench.py on {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+    runs = [(shape, visual)] + ([] if args.quick else [("cpu-qwen-vocab", visual[-1:])])
+    for name, sizes in runs:
+        s = SHAPES[name]
+        hf = random_model(name, torch.float32, cpu)
+        rows = [bench_rollout(hf, n, G, new_tokens) for n in sizes]
+        print_rollout(rows, G, new_tokens, f"CPU, random Qwen2-VL of hidden {s['hidden']}, {s['layers']} layers, "
+                      f"vocabulary {s['vocab']}, float32")
+    print_logprobs(bench_logprobs(V, T, N, H, cpu), V, T, N, H, "CPU, float32")
+    if args.no_gpu or not torch.cuda.is_available():
+        print("\nGPU sections skipped: " + ("--no-gpu" if args.no_gpu else "no CUDA device"))
+        return rows
+    gpu = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False  # the log-prob comparison is in true float32
+    print(f"\nGPU: {torch.cuda.get_device_name()}")
+    print_logprobs(bench_logprobs(V, T, N, 3584, gpu), V, T, N, 3584, "GPU, float32, H of the 7B")
+    hf = random_model("quick" if args.quick else "7b", torch.bfloat16, gpu)
+    gpu_rows = [bench_rollout(hf, n, G, new_tokens) for n in visual]
+    print_rollout(gpu_rows, G, new_tokens, "GPU, random model of Qwen2-VL-7B's shape, bf16")
+    d = bench_decode(hf, visual[-1], G, new_tokens, card(BANDWIDTH))
+    print(f"\nDecode, G = {G} after {d['visual_tokens']} visual tokens: prefill {d['prefill_s']:.2f} s, "
+          f"{d['step_ms']:.1f} ms/step, {d['tok_s']:.0f} tokens/s, {d['bandwidth_share']:.0%} of the "
+          f"memory-bandwidth bound (weights + KV cache per step / {card(BANDWIDTH) or float('nan'):.3g} B/s)")
+    m = bench_mfu(hf, visual[-1] - 512 if not args.quick else visual[-1], 512 if not args.quick else 32,
+                  card(BF16_PEAK))
+    print(f"Training, policy forward+backward with gradient checkpointing, {m['tokens']} tokens: "
+          f"{m['seconds']:.2f} s, {m['tflops']:.0f} TFLOP/s, MFU {m['mfu']:.0%} of {card(BF16_PEAK) or float('nan'):.3g}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""bench.py: the quick run end to end (figures printed, greedy outputs identical to HF generate's, GPU sections
+skipped cleanly without CUDA), its memory measure, and the GPU sections' functions exercised on CPU."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_bench_prints_its_figures_and_skips_the_gpu():
+    run = subprocess.run([sys.executable, "bench.py", "--quick", "--no-gpu"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("visual tokens"))
+    rows = lines[header + 1:header + 3]
+    assert [int(r.split()[0]) for r in rows] == [64, 256]
+    assert all(r.endswith("x  yes") for r in rows), rows       # greedy outputs identical to HF generate's
+    ratio = next(line for line in lines if "memory ratio" in line)
+    assert float(ratio.split()[-1]) <= 1e-5                     # largest difference, chunked vs plain
+    assert float(ratio.split()[2].rstrip(",")) < 0.5
+    assert lines[-1] == "GPU sections skipped: --no-gpu"
+
+
+def test_the_memory_measure_sees_an_allocation():
+    cpu = torch.device("cpu")
+    _, peak, _ = bench.measured(lambda: torch.ones(50_000_000).sum(), cpu)      # 200 MB, freed at once
+    assert 190e6 < peak < 260e6
+    _, idle, _ = bench.measured(lambda: torch.ones(10).sum(), cpu)
+    assert idle < 20e6
+
+
+@pytest.fixture(scope="module")
+def quick_model():
+    return bench.random_model("quick", torch.float32, torch.device("cpu"))
+
+
+def test_group_rollout_equals_hf_generate_with_repeated_prompts(quick_model):
+    batch = bench.video_prompt(quick_model, 128, quick_model.device)
+    ours, usual = bench.ours(quick_model, batch, 4, 12), bench.usual(quick_model, batch, 4, 12)
+    assert ours.shape == usual.shape == (4, 12)
+    assert torch.equal(ours, usual)
+    assert len(set(map(tuple, ours.tolist()))) == 1              # greedy: the G rows agree
+    other = bench.ours(quick_model, bench.video_prompt(quick_model, 128, quick_model.device, seed=3), 1, 12)
+    assert not torch.equal(other[0], ours[0])                     # and depend on the video
+
+
+def test_gpu_sections_run_on_cpu(quick_model):
+    d = bench.bench_decode(quick_model, 64, 4, 4, bandwidth=None)
+    assert d["tok_s"] > 0 and math.isnan(d["bandwidth_share"])
+    params = sum(p.numel() for p in quick_model.model.language_model.layers.parameters())
+    assert bench.text_weight_bytes(quick_model) == 4 * (params + quick_model.model.language_model.norm.weight.numel()
+                                                        + quick_model.lm_head.weight.numel())
+    m = bench.bench_mfu(quick_model, 64, 8, peak_flops=None)
+    assert m["tokens"] == 64 + 63 + 8 and m["seconds"] > 0 and math.isnan(m["mfu"])
+    assert not quick_model.training and not any(p.requires_grad for p in quick_model.parameters())
