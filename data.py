@@ -584,12 +584,9 @@ def check_prompts(prompts):
         _unknown([name], known, "judge.prompts")
         if name in TEMPLATES:
             try:
-                with open(path, encoding="utf-8") as f:
-                    used = set(rewards._FIELD.findall(f.read()))
-            except OSError as e:
-                raise DataError(f"judge.prompts.{name}: cannot read {path}: {e.strerror}") from None
-            if used != {"caption"}:
-                raise DataError(f"judge.prompts.{name} ({path}) must use exactly the field {{caption}}, not {sorted(used)}")
+                rewards.read_prompt(f"judge.prompts.{name}", path, TEMPLATES[name])
+            except rewards.JudgeError as e:
+                raise DataError(str(e)) from None
 
 
 def _extract(judge, caption, malformed_retries):

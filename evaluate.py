@@ -358,12 +358,9 @@ def check_prompts(prompts):
         if step not in STEPS:
             raise EvalError(f"eval.prompts.{step}: unknown judge step; valid: {list(STEPS)}")
         try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise EvalError(f"eval.prompts.{step}: cannot read {path}: {e.strerror}") from None
-        want = set(rewards._FIELD.findall(STEPS[step]))
-        if set(rewards._FIELD.findall(text)) != want:
-            raise EvalError(f"eval.prompts.{step} ({path}) must use exactly the fields {sorted(want)}")
+            rewards.read_prompt(f"eval.prompts.{step}", path, STEPS[step])
+        except rewards.JudgeError as e:
+            raise EvalError(str(e)) from None
 
 
 def make_judge(cfg):

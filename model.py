@@ -365,7 +365,10 @@ class GroupLayer(DynamicLayer):
             buffer.view(B, group_size, heads, S + room, hd)[..., :S, :] = x[:, None]
             self.buffers.append(buffer)
         self.length, self.device, self.is_initialized = S, keys.device, True
-        self.keys, self.values = (b[:, :, :S] for b in self.buffers)
+        self._view()
+
+    def _view(self):
+        self.keys, self.values = (b[:, :, :self.length] for b in self.buffers)
 
     def update(self, key_states, value_states, *args, **kwargs):
         s = key_states.shape[-2]
@@ -374,12 +377,12 @@ class GroupLayer(DynamicLayer):
         for buffer, x in zip(self.buffers, (key_states, value_states)):
             buffer[:, :, self.length:self.length + s] = x
         self.length += s
-        self.keys, self.values = (b[:, :, :self.length] for b in self.buffers)
+        self._view()
         return self.keys, self.values
 
     def batch_select_indices(self, indices):
         self.buffers = [b[indices] for b in self.buffers]
-        self.keys, self.values = (b[:, :, :self.length] for b in self.buffers)
+        self._view()
 
 
 def expand(logits, state, group_size, room):

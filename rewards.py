@@ -458,6 +458,20 @@ def _fields(template):
     return set(_FIELD.findall(template))
 
 
+def read_prompt(key, path, template):
+    """The text of the file at `path` that replaces `template` (named `key` in messages, e.g.
+    judge.prompts.entail); JudgeError unless it reads and uses exactly the template's {fields} (any, when
+    template is None)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise JudgeError(f"{key}: cannot read {path}: {e.strerror}") from None
+    if template is not None and _fields(text) != _fields(template):
+        raise JudgeError(f"{key} ({path}) must use exactly the fields {sorted(_fields(template))}")
+    return text
+
+
 def render(template: str, fields: dict[str, str], name: str) -> str:
     """Fill {field} slots in one pass; the template must use exactly the task's fields."""
     if (used := _fields(template)) != set(fields):
@@ -611,16 +625,9 @@ class HTTPJudge(_Judge):
         super().__init__()
         self.cfg, self.url = cfg, cfg.url.rstrip("/")
         self._key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
-        self.prompts = {}
-        for name, path in cfg.prompts.items():
-            try:
-                with open(path) as f:
-                    self.prompts[name] = f.read()
-            except OSError as e:
-                raise JudgeError(f"judge.prompts.{name}: cannot read {path}: {e.strerror}") from None
-            if name in TEMPLATES and _fields(self.prompts[name]) != _fields(TEMPLATES[name]):
-                raise JudgeError(f"judge.prompts.{name} ({path}) must use exactly the fields "
-                                 f"{sorted(_fields(TEMPLATES[name]))}")
+        # the files replacing evaluate.py's and data.py's templates are checked there, before any work
+        self.prompts = {name: read_prompt(f"judge.prompts.{name}", path, TEMPLATES.get(name))
+                        for name, path in cfg.prompts.items()}
         if cfg.cache_dir:
             os.makedirs(cfg.cache_dir, exist_ok=True)
         self._pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="judge")

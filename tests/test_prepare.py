@@ -167,7 +167,7 @@ def test_the_subjects_prompt_is_replaceable(tmp_path, judge_server, judge_cfg):
     data.prepare(src, tmp_path / "out.jsonl", cfg)
     assert judge_server.seen[-1][1] == "[VideoCap-R1 data task: subjects]\nOur own wording.\nA red square moves."
     prompt.write_text("Extract from {text}")
-    with pytest.raises(DataError, match=r"must use exactly the field \{caption\}"):
+    with pytest.raises(DataError, match=r"must use exactly the fields \['caption'\]"):
         data.prepare(src, tmp_path / "again.jsonl", cfg)
     cfg.judge.prompts = {"subjets": str(prompt)}
     with pytest.raises(DataError, match="did you mean 'subjects'"):
