@@ -25,8 +25,6 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = "models/Qwen2-VL-7B-Instruct"
     build_tiny: str = ""
-    warm_start_steps: int = 0
-    warm_start_lr: float = 3e-3
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = True
@@ -35,12 +33,14 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = "data/train.jsonl"
+    val: str = ""
     prompt_file: str = "prompts/think.txt"
     fps: float = 2.0
     min_frames: int = 4
     max_frames: int = 16
     min_pixels: int = 4 * 28 * 28
     max_pixels: int = 128 * 28 * 28
+    video_max_pixels: int = 768 * 28 * 28
     total_pixels: int = 90_316_800
     max_bad_fraction: float = 0.1
     max_prompt_tokens: int = 8192
@@ -108,13 +108,14 @@ class JudgeConfig:
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """What a training program's section holds, shared by `train:` (grpo.py) and `sft:` (sft.py): the
+    loop's length, AdamW and its schedule, checkpoints, the export and logging."""
     out_dir: str = "runs/videocap-r1"
     steps: int = 0
     epochs: int = 1
     prompts_per_rank: int = 1
     micro_batch_size: int = 2
-    num_iterations: int = 1
     lr: float = 1e-6
     lr_schedule: str = "constant"
     warmup_steps: int = 0
@@ -122,6 +123,22 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    resume: str = "auto"
+    export: bool = True
+    log_every: int = 1
+    eval_every: int = 0
+    max_nonfinite_steps: int = 3
+    wandb: bool = False
+    wandb_project: str = "videocap-r1"
+    tensorboard: bool = False
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    warm_start: bool = False
+    num_iterations: int = 1
     beta: float = 0.04
     eps_low: float = 0.2
     eps_high: float = 0.2
@@ -129,16 +146,15 @@ class TrainConfig:
     adv_scale: str = "group"
     adv_eps: float = 1e-4
     ref_offload: bool = False
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    resume: str = "auto"
-    export: bool = True
-    log_every: int = 1
     sample_every: int = 10
-    max_nonfinite_steps: int = 3
-    wandb: bool = False
-    wandb_project: str = "videocap-r1"
-    tensorboard: bool = False
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    target: str = "think"
+    out_dir: str = "runs/sft"
+    lr: float = 1e-5
+    checkpoint_every: int = 200
 
 
 @dataclass
@@ -158,6 +174,7 @@ class EvalConfig:
     vdc_sections: list[str] = field(
         default_factory=lambda: ["camera", "short", "background", "main_object", "detailed"])
     limit: int = 0
+    malformed_retries: int = 9
     prompts: dict[str, str] = field(default_factory=dict)
 
 
@@ -170,6 +187,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

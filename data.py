@@ -14,12 +14,17 @@ Shapes: L prompt tokens, P patches of one video (t*h*w), B prompts. A video of T
 H x W gives a grid t = T/2, h = H/14, w = W/14: P = t*h*w patches of 3*2*14*14 = 1176 values, and
 P/4 <|video_pad|> tokens (each 2x2 block of patches is merged into one token).
 
-The paper says nothing about preprocessing; this file follows Qwen's own (qwen-vl-utils and the HF
-Qwen2-VL video processor) without torchvision, which the HF processor needs and which is not
-installable on every machine (../shared/DESIGN.md, section 5):
-- frames sampled evenly at `data.fps`, their count clamped and made even; sizes multiples of 28
-  within a per-frame and a per-video pixel budget (`smart_resize`, `frame_count`);
-- resize on uint8 (bicubic, antialias), then CLIP mean/std; the patch order of HF's `patchify`;
+The paper says nothing about preprocessing; this file follows Qwen's published recipe (qwen-vl-utils
+0.0.9 to 0.0.14 reading the video, then the HF Qwen2-VL processor) without torchvision, which both need
+and which is not installable on every machine:
+- frames sampled evenly at `data.fps`, their count clamped and floored to a multiple of 2 (`frame_count`;
+  qwen-vl-utils 0.0.8 rounded instead); sizes multiples of 28 in [min_pixels, max_pixels], max_pixels
+  lowered to the per-frame cap `data.video_max_pixels` and to an even share of the clip's budget
+  `data.total_pixels` (`frame_size`, `smart_resize`);
+- resize as qwen-vl-utils does through torchvision: bicubic with antialias on float32, clamped to 0..255
+  and rounded (`resize_frames`). Torch's uint8 kernel, which the HF processor applies to raw frames,
+  rounds and clamps between its two passes and lands up to 12 grey levels away on the shipped clips.
+  Then CLIP mean/std and the patch order of HF's `patchify`;
 - `mm_token_type_ids` built as HF's processor builds them (see `encode`); without them transformers
   5.24 raises for Qwen2-VL and silently falls back to 1-D RoPE for Qwen2.5-VL.
 Beyond it: unreadable videos are skipped, counted and capped by `data.max_bad_fraction`, and the
@@ -37,7 +42,6 @@ import itertools
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -59,6 +63,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FRAME_FACTOR = 2      # frame counts are multiples of the temporal patch size (qwen-vl-utils FRAME_FACTOR)
 MAX_RATIO = 200       # smart_resize refuses longer/shorter side ratios above this (qwen-vl-utils MAX_RATIO)
 VIDEO_TYPE = 2        # mm_token_type_ids: 0 text, 1 image, 2 video (transformers get_rope_index)
+# The plain caption request: DREAM-1K's and CaReBench's, VDC's detailed section's, and sft.target=caption's
+CAPTION_PROMPT = "Describe the video in detail."
 
 
 class DataError(ValueError):
@@ -182,17 +188,45 @@ def smart_resize(height, width, factor=28, min_pixels=4 * 28 * 28, max_pixels=16
 
 
 def frame_count(total_frames, video_fps, cfg) -> int:
-    """Frames to sample from a clip of total_frames at video_fps (qwen-vl-utils smart_nframes):
-    duration * cfg.fps, clamped to [ceil_2(min_frames), floor_2(min(max_frames, total_frames))], then
-    rounded to a multiple of 2 with Python's round, which sends halves to even (5 -> 4, but 7 -> 8)."""
+    """Frames to sample from a clip of total_frames at video_fps, as qwen-vl-utils' smart_nframes (0.0.9 to
+    0.0.14) counts them: duration * cfg.fps, clamped to [ceil_2(min_frames), floor_2(min(max_frames,
+    total_frames))], then floored to a multiple of 2 (3.5 s at 2 fps: 7 -> 6; 0.0.8 rounded, 7 -> 8)."""
     lo = math.ceil(cfg.min_frames / FRAME_FACTOR) * FRAME_FACTOR
     hi = math.floor(min(cfg.max_frames, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
-    n = min(max(total_frames / video_fps * cfg.fps, lo), hi)
-    return round(n / FRAME_FACTOR) * FRAME_FACTOR
+    n = math.floor(min(max(total_frames / video_fps * cfg.fps, lo), hi) / FRAME_FACTOR) * FRAME_FACTOR
+    if n < FRAME_FACTOR:  # qwen-vl-utils raises here too; only data.min_frames < 1 lets a clip get here
+        raise ValueError(f"{n} frames to sample from {total_frames}; set data.min_frames to at least 1")
+    return n
+
+
+def frame_size(height, width, n_frames, cfg, factor=28) -> tuple[int, int]:
+    """The size that each of n_frames sampled frames of height x width is resized to, as qwen-vl-utils' fetch_video
+    (0.0.9 to 0.0.14) chooses it, cfg.max_pixels being the caller's max_pixels: smart_resize within [min_pixels,
+    min(max_pixels, cap)], where the cap is the smaller of video_max_pixels (VIDEO_MAX_PIXELS) and an even share
+    of the clip's budget, total_pixels / n_frames * 2, but at least int(1.05 * min_pixels)."""
+    cap = max(min(cfg.video_max_pixels, cfg.total_pixels / n_frames * FRAME_FACTOR), int(cfg.min_pixels * 1.05))
+    return smart_resize(height, width, factor, cfg.min_pixels, min(cfg.max_pixels, cap))
+
+
+def resize_frames(frames, height, width) -> torch.Tensor:
+    """uint8 frames (T, 3, H0, W0) -> uint8 (T, 3, height, width), as qwen-vl-utils resizes a video: torchvision's
+    resize (BICUBIC, antialias=True) on the uint8 tensor, which (transforms/_functional_tensor.py, resize) converts
+    to float32, interpolates (bicubic, antialias, align_corners=False), clamps to 0..255 and rounds half to even,
+    and returns frames already at the size untouched. One frame in float32 at a time: a 16-frame 4K clip at once
+    would take 1.6 GB."""
+    if frames.shape[-2:] == (height, width):
+        return frames
+    out = torch.empty(*frames.shape[:2], height, width, dtype=torch.uint8, device=frames.device)
+    for i, frame in enumerate(frames):
+        x = F.interpolate(frame[None].float(), size=(height, width), mode="bicubic", antialias=True,
+                          align_corners=False)                  # (1, 3, height, width) float32
+        out[i] = x[0].clamp_(0, 255).round_()
+    return out
 
 
 def read_video(path, cfg, factor=28) -> tuple[torch.Tensor, float]:
-    """Decode a clip with decord, sample frame_count(...) frames evenly and resize them.
+    """Decode a clip with decord, sample frame_count(...) frames evenly (frame indices linspace(0, total - 1, T)
+    rounded, as qwen-vl-utils picks them) and resize them to frame_size(...) with resize_frames.
     Returns frames uint8 (T, 3, H, W) with H, W multiples of `factor` (patch_size * merge_size), and the
     sampled fps T / duration. Any problem with the file raises VideoError("PATH: cause")."""
     import decord
@@ -217,17 +251,11 @@ def read_video(path, cfg, factor=28) -> tuple[torch.Tensor, float]:
     if frames.shape[0] != n:
         raise VideoError(f"{path}: claims {total} frames but only {frames.shape[0]} of {n} sampled decode")
     frames = torch.from_numpy(frames).permute(0, 3, 1, 2)       # (T, 3, H0, W0)
-    # per-frame cap (qwen-vl-utils fetch_video): max_pixels, or an even share of the per-video budget when
-    # that is tighter, but never below 1.05 * min_pixels
-    max_pixels = max(min(cfg.max_pixels, cfg.total_pixels / n * FRAME_FACTOR), int(cfg.min_pixels * 1.05))
     try:
-        height, width = smart_resize(frames.shape[2], frames.shape[3], factor, cfg.min_pixels, max_pixels)
-    except ValueError as e:
+        height, width = frame_size(frames.shape[2], frames.shape[3], n, cfg, factor)
+    except ValueError as e:  # an aspect ratio over MAX_RATIO
         raise VideoError(f"{path}: {e}") from None
-    # on uint8, as HF does: resizing floats and rounding afterwards is up to 20 grey levels off
-    frames = F.interpolate(frames, size=(height, width), mode="bicubic", antialias=True,
-                           align_corners=False)                 # (T, 3, H, W) uint8
-    return frames, n / total * video_fps
+    return resize_frames(frames, height, width), n / total * video_fps    # (T, 3, H, W) uint8
 
 
 # ----------------------------------------------------------------------------- model inputs
@@ -473,97 +501,6 @@ def _strip(value):
     return value.strip() if isinstance(value, str) else [v.strip() for v in value]
 
 
-# The lexical judge's answer: a word-list stand-in for an LLM, good enough for the demo and the tests. Each
-# clause (split at punctuation and conjunctions) is read as [determiner] adjective* noun+ (preposition ...)*
-# verb ...: the nouns name a subject, the adjectives and prepositional phrases are its attributes, the verb
-# phrase its action ("is/are ..." an attribute). A clause that opens with a pronoun or a verb continues the
-# last subject. Verbs are recognised from a list of ~100 common ones and their inflections only.
-DETERMINERS = {"a", "an", "the", "this", "that", "these", "those", "some", "another", "each", "every", "his",
-               "her", "its", "their", "one", "two", "three", "four", "five", "several", "many"}
-PRONOUNS = {"it", "he", "she", "they", "him", "them"}
-PREPOSITIONS = {"in", "on", "at", "from", "to", "with", "near", "under", "over", "above", "below", "behind",
-                "beside", "along", "across", "into", "onto", "toward", "towards", "through", "around", "by", "of",
-                "inside", "outside", "between", "against", "past", "up", "down", "off", "out", "halfway"}
-ADJECTIVES = {"red", "orange", "yellow", "green", "blue", "purple", "violet", "pink", "magenta", "cyan", "white",
-              "black", "grey", "gray", "brown", "golden", "silver", "dark", "light", "bright", "pale", "small",
-              "large", "big", "tiny", "little", "huge", "tall", "short", "long", "wide", "narrow", "thin", "fat",
-              "young", "old", "elderly", "bald", "round", "striped", "wooden", "metal", "empty", "wet", "new"}
-VERBS = {"be", "is", "are", "was", "were", "has", "have", "move", "go", "come", "walk", "run", "jump", "sit",
-         "stand", "stay", "fall", "drop", "rise", "grow", "shrink", "turn", "appear", "disappear", "vanish",
-         "bounce", "roll", "slide", "fly", "swim", "meet", "pass", "cross", "hold", "pick", "put", "take", "give",
-         "open", "close", "look", "watch", "talk", "speak", "say", "smile", "laugh", "wave", "point", "push",
-         "pull", "throw", "catch", "hit", "kick", "eat", "drink", "play", "ride", "drive", "enter", "leave",
-         "climb", "dance", "sing", "write", "read", "cut", "pour", "shake", "spin", "rotate", "change", "become",
-         "fill", "reach", "follow", "chase", "approach", "stop", "start", "begin", "continue", "remain", "lie",
-         "wear", "carry", "use", "show", "float", "shine", "flash", "fade", "hang", "lean", "bend", "lift",
-         "raise", "lower", "place", "touch", "grab", "bark", "swing", "fit", "hop", "wag", "cook"}
-STATIVE = {"is", "are", "was", "were", "be", "remains", "remain", "seems", "seem"}
-CLAUSE_BREAK = re.compile(r"[,;:]|\b(?:and then|then|and|while|until|but|as|before|after|when|where|which|who)\b")
-
-
-def _is_verb(word):
-    stems = [word] + [word[:-len(s)] + e for s in ("s", "es", "d", "ed", "ing") if word.endswith(s) for e in ("", "e")]
-    return any(stem in VERBS for stem in stems) or (len(word) > 3 and word[-3:] == word[-4] + "ing")  # "running"
-
-
-def _clause(words):
-    """One clause's words -> (noun phrase, its adjectives, attributes, actions). The noun phrase is None when the
-    clause opens with a pronoun or a verb (it continues the last subject), "" when it has none ("in a room")."""
-    i = 0
-    if words and (words[0] in PRONOUNS or _is_verb(words[0])):
-        name, adjectives, rest = None, [], words[words[0] in PRONOUNS:]
-    else:
-        while i < len(words) and words[i] in DETERMINERS:
-            i += 1
-        adjectives = []
-        while i + 1 < len(words) and words[i] in ADJECTIVES:
-            adjectives.append(words[i])
-            i += 1
-        j = i
-        while j < len(words) and not (words[j] in PREPOSITIONS or _is_verb(words[j]) or words[j].endswith("ly")):
-            j += 1
-        name, rest = " ".join(words[i:j]), words[j:]
-    k = next((k for k, w in enumerate(rest) if _is_verb(w)), len(rest))
-    k -= k > 0 and rest[k - 1].endswith("ly")                           # "suddenly appears": the adverb acts
-    attributes, actions = [" ".join(rest[:k])] if k else [], []
-    if k < len(rest):
-        stative = rest[k] in STATIVE and not (k + 1 < len(rest) and rest[k + 1].endswith("ing"))
-        (attributes if stative else actions).append(" ".join(rest[k + stative:]))
-    return name, adjectives, adjectives + attributes, actions
-
-
-def _subject(subjects, name, adjectives):
-    """The subject a noun phrase names: the latest with its head noun whose adjectives do not differ, else a new
-    one (named "green circle" when a "circle" is already there)."""
-    head = name.split()[-1]
-    for s in reversed(subjects):
-        if s["name"].split()[-1] == head and (not adjectives or set(adjectives) & set(s["attributes"])):
-            return s
-    taken = any(s["name"].split()[-1] == head for s in subjects)
-    subjects.append({"name": f"{adjectives[0]} {name}" if taken else name, "attributes": [], "actions": []})
-    return subjects[-1]
-
-
-def _lexical_subjects(fields):
-    """The lexical judge's reply: subjects read clause by clause (`_clause`; a new subject needs an adjective
-    or an action), events as rewards.py's lexical extract_events gives them (one per sentence)."""
-    subjects, last = [], None
-    for sentence in re.split(r"[.!?]", fields["caption"]):
-        for part in CLAUSE_BREAK.split(sentence):
-            name, adjectives, attributes, actions = _clause(re.findall(r"[a-z0-9'-]+", part.lower()))
-            if name and (adjectives or actions):
-                last = _subject(subjects, name, adjectives)
-            elif name is not None or last is None:  # no subject, or a pronoun with nothing before it
-                continue
-            for key, items in (("attributes", attributes), ("actions", actions)):
-                last[key] += [x for x in items if x and x not in last[key]]
-    events = json.loads(rewards.LEXICAL["extract_events"](fields))["events"]
-    return json.dumps({"subjects": subjects, "events": events})
-
-
-LEXICAL = {"subjects": _lexical_subjects}
-
-
 def subjects_task(caption, on_malformed=None) -> rewards.Task:
     """The judge task for one caption; on_malformed(why) hears each reply that fails to parse."""
     def parse(reply):
@@ -573,7 +510,8 @@ def subjects_task(caption, on_malformed=None) -> rewards.Task:
             if on_malformed:
                 on_malformed(str(e))
             raise
-    return rewards.Task("subjects", TEMPLATES["subjects"], {"caption": caption.strip()}, parse, _lexical_subjects)
+    return rewards.Task("subjects", TEMPLATES["subjects"], {"caption": caption.strip()}, parse,
+                        rewards.lexical_subjects)
 
 
 def check_prompts(prompts):

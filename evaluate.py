@@ -1,16 +1,32 @@
 """Benchmarks: caption DREAM-1K, VDC or CAREBENCH videos with a model, then score the captions with
-each benchmark's official metric (../shared/PROTOCOLS.md) through rewards.py's judge.
+each benchmark's official metric (the official scripts are named below) through rewards.py's judge.
 
-    python evaluate.py config.yaml eval.benchmark=dream1k eval.annotations=DREAM-1K.jsonl \
+    python evaluate.py config.yaml eval.benchmark=dream1k eval.annotations=DREAM-1k.jsonl \
         eval.video_dir=videos eval.model=runs/videocap-r1/export
     torchrun --nproc_per_node 8 evaluate.py config.yaml eval.benchmark=vdc eval.annotations=VDCScore_qa ...
     python evaluate.py config.yaml eval.benchmark=carebench eval.annotations=json/metadata.json \
         eval.score_only=true eval.predictions=baseline.jsonl          # score captions made elsewhere
+    python evaluate.py config.yaml --export tarsier eval.annotations=DREAM-1k.jsonl   # for tarsier's scorer
 
 eval.out_dir gets predictions.jsonl (one line per caption: id, section, prompt, output, answer,
 failed, tokens, truncated, settings), results.json and results.md (every figure, videos scored and
 failed, the judge, the published numbers beside ours) and the resolved config.yaml. A predictions
 file made elsewhere needs only `id` (the video id; plus `section` for VDC) and `answer` per line.
+
+The official scripts' prediction formats are read as eval.predictions and written by --export into
+eval.out_dir (failed and missing captions left out, counted, so that those scripts leave them out too):
+- tarsier (bytedance/tarsier tasks/inference_benchmark.py): the annotation JSONL with the caption as the
+  `text` beside the assistant's `reference` (where evaluation/evaluate.py reads it); written as
+  tarsier_predictions.jsonl, built from the fields of the HF layout when that is the annotation file.
+  Read: lines of other benchmarks (dataset not DREAM/...) are skipped and counted; "<error>", its
+  inference's mark for a video it could not caption, is a failed caption.
+- carebench (MCG-NJU/CaReBench tasks/captioning.py): description.json, one JSON object
+  {"<index in metadata.json>": {"pred", "gt", "events", "objects"}}; `gt` is checked against the caption.
+Told apart by official_format: one JSON object with neither `id` nor `messages` is CaReBench's; else the
+file is JSONL, tarsier's when its first line has `messages`, else ours.
+
+Video ids: every id (annotations, predictions, results, resume) becomes one string when read
+(video_id): 1, 1.0 and "1" are the same video. A boolean, null, list or object as an id is an error.
 
 Captioning: each rank holds a full model copy (nothing is sharded, so ranks never wait on each other
 while captioning) and captions every world-th pending item in batches of eval.batch_size, appending
@@ -18,18 +34,29 @@ to predictions.jsonl.rank<r>; rank 0 merges those (and the leftovers of an inter
 predictions.jsonl, one line per item, then scores. A rerun skips what is captioned; unreadable videos
 are recorded as failed (retried by the next run) and never stop the run.
 
-Decisions beyond PROTOCOLS.md:
+Scoring follows tarsier's evaluation/metrics/evaluate_dream_gpt.py and CaReBench's utils/dream_gpt.py:
+- Both texts are lowercased; the text given to an extraction step also has every " replaced by ' (the
+  official scripts do so before extracting); entailment reads the lowercased texts, quotes kept, as
+  there.
+- A judge reply with a wrong shape, count or label is re-asked eval.malformed_retries times (default 9:
+  the official scripts give up after 10 tries in all); then the video is excluded and counted.
+- CaReBench: actions and objects have their own extraction and entailment steps and reply keys
+  ("events", "objects"); a video whose judging failed for either is left out of both scores, and each
+  score counts those it lost through the other (judge_failed_other).
+Decisions beyond the official scripts:
 - The scored text is the <answer> block; the whole output when it has no <think>/<answer> tag; ""
   when it has tags but no complete answer block (a think cut at max_new_tokens).
 - VDC with eval.think: the section's prompt replaces the instruction file's first line when that line
   is "Describe the video in detail." (so the detailed section gets exactly the training prompt).
-- Failures follow each official script, always counted: DREAM-1K and CaReBench leave a video whose
-  caption or judgement failed out of the means (tarsier's invalid results); VDC leaves a failed QA
-  judgement out of its video's mean, and scores 0 for a video with no caption or no judged QA.
-- A judge reply with a wrong count or label is re-asked judge.malformed_retries times (tarsier: 10).
-  An empty caption has no events or objects, without asking the judge.
+- Failures, always counted: DREAM-1K and CaReBench leave a video whose caption or judgement failed out
+  of the means (tarsier's invalid results; its scorer would judge an "<error>" caption as text); VDC
+  leaves a failed QA judgement out of its video's mean, and scores 0 for a video with no caption or no
+  judged QA.
+- An empty caption or statement list has no events or objects, without asking the judge (tarsier asks
+  about the whole caption instead, and scores 1.0 all the same).
 - The eval judge steps read their replacement prompts from eval.prompts only (not judge.prompts).
 """
+import copy
 import dataclasses
 import functools
 import glob
@@ -60,14 +87,14 @@ VDC_PROMPTS = {  # our wording of each VDC section's caption request (lmms-eval 
                    "how it moves during the video.",
 }
 VIDEO_EXTS = (".mp4", ".MP4", ".mkv")  # lmms-eval's VDC loader tries these in order
-PUBLISHED = {  # PROTOCOLS.md; figures in percent (VDC score on 0..5)
+PUBLISHED = {  # the papers' figures with their judges, in percent (VDC score on 0..5)
     "dream1k": {"columns": ["F1", "P", "R"], "judge": "gpt-3.5-turbo-0125", "rows": {
         "GPT-4o": [39.2, 43.4, 35.7], "Gemini-1.5-Pro": [36.2, 37.6, 34.8], "Tarsier-7B": [34.6, 40.3, 30.2],
         "Tarsier2-7B": [42.0, 42.8, 41.1], "Qwen2-VL-7B": [29.6, 33.9, 26.3], "VideoCap-R1": [34.2, None, None]}},
     "vdc": {"columns": ["acc", "score"], "judge": "Llama-3.1-8B-Instruct", "rows": {
         "Gemini-1.5-Pro": [41.73, 2.15], "AuroraCap-7B": [38.21, 1.98], "VideoCap-R1": [43.8, None]}},
-    "carebench": {"columns": [], "judge": "DeepSeek-V3", "rows": {}, "note": "PROTOCOLS.md lists no absolute "
-                  "numbers; the paper reports +3.1 action F1 and +6.9 object F1 over Qwen2-VL-7B."},
+    "carebench": {"columns": [], "judge": "DeepSeek-V3", "rows": {}, "note": "No absolute numbers here yet; "
+                  "the VideoCap-R1 paper reports +3.1 action F1 and +6.9 object F1 over Qwen2-VL-7B."},
 }
 
 
@@ -78,7 +105,7 @@ class EvalError(ValueError):
 @dataclass
 class Item:
     """One caption to make and score: a video, or for VDC a (video, section) pair."""
-    id: str                      # the benchmark's video id
+    id: str                      # the benchmark's video id, as video_id makes it
     video: str                   # video file
     group: str                   # what the metric averages within: DREAM subset, VDC section, "overall"
     prompt: str                  # the caption request, before the think instruction
@@ -88,6 +115,7 @@ class Item:
     objects: list | None = None  # reference objects (CaReBench); None: extracted likewise
     qa: list = field(default_factory=list)  # VDC: [{"question", "answer"}]
     where: str = ""              # FILE:LINE (or FILE:index) of its annotation
+    source: dict | None = field(default=None, repr=False)  # its annotation record, for --export
 
     @property
     def key(self):
@@ -96,6 +124,19 @@ class Item:
 
 def _name(key):
     return f"video {key[0]!r}" + (f" section {key[1]}" if key[1] else "")
+
+
+def video_id(value, where):
+    """The one string a video id becomes wherever it is read, so that 1, 1.0 and "1" are the same video
+    (tarsier's DREAM-1k.jsonl has integer vids, other files strings): a string as it is, an integral
+    number in decimal, any other number as Python writes it."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return str(int(value)) if value.is_integer() else repr(value)
+    raise EvalError(f"{where}: a video id must be a string or a number, got {json.dumps(value)[:80]}")
 
 # ----------------------------------------------------------------------------- annotation loaders
 
@@ -147,6 +188,10 @@ def _get(rec, path, where, kind=str, default=_REQUIRED):
     return node
 
 
+def _id(rec, path, where):
+    return video_id(_get(rec, path, where, object), f"{where}: '{path}'")
+
+
 def _statements(rec, path, where):
     """An optional list of reference sentences (events or objects): None when absent."""
     value = _get(rec, path, where, (list, type(None)), default=None)
@@ -162,23 +207,24 @@ def load_dream1k(path, video_dir, sections=()):
     if array:  # HF: idx, video_file, source, description, events, ...
         return [Item(Path(_get(r, "video_file", w)).stem, os.path.join(video_dir, _get(r, "video_file", w)),
                      _get(r, "source", w).removeprefix("DREAM/"), DETAILED, reference=_get(r, "description", w),
-                     events=_statements(r, "events", w), where=w) for w, r in _read_array(path)]
+                     events=_statements(r, "events", w), where=w, source=r) for w, r in _read_array(path)]
     items = []
-    for w, r in _read_jsonl(path):  # tarsier: vid, dataset "DREAM/<subset>", messages, extra_info
-        vid, dataset = _get(r, "vid", w), _get(r, "dataset", w)
+    for w, r in _read_jsonl(path):  # tarsier: vid (an integer there), dataset "DREAM/<subset>", messages, extra_info
+        vid, dataset = _id(r, "vid", w), _get(r, "dataset", w)
         if not dataset.startswith("DREAM/"):
             raise EvalError(f"{w}: 'dataset' must look like DREAM/<subset>, got {dataset!r:.80}")
         items.append(Item(vid, os.path.join(video_dir, vid + ".mp4"), dataset[len("DREAM/"):], DETAILED,
                           reference=_get(r, "messages.1.content.0.reference", w),
-                          events=_statements(r, "extra_info.events", w), where=w))
+                          events=_statements(r, "extra_info.events", w), where=w, source=r))
     return items
 
 
 def load_carebench(path, video_dir, sections=()):
-    """CaReBench's json/metadata.json: video, caption, [events], [objects], ..."""
+    """CaReBench's json/metadata.json: video, caption, [events], [objects], ...; item k is record k (the
+    index CaReBench's description.json is keyed by)."""
     return [Item(Path(_get(r, "video", w)).stem, os.path.join(video_dir, _get(r, "video", w)), "overall", DETAILED,
                  reference=_get(r, "caption", w), events=_statements(r, "events", w),
-                 objects=_statements(r, "objects", w), where=w) for w, r in _read_array(path)]
+                 objects=_statements(r, "objects", w), where=w, source=r) for w, r in _read_array(path)]
 
 
 def _vdc_video(video_dir, name):
@@ -195,7 +241,7 @@ def load_vdc(folder, video_dir, sections):
     names, folder = {}, os.path.normpath(folder)
     for index in (os.path.join(folder, "VDC_1k.jsonl"), os.path.join(os.path.dirname(folder), "VDC_1k.jsonl")):
         if os.path.isfile(index):
-            names = {_get(r, "video_id", w): _get(r, "video_name", w, default=None) or _get(r, "video_id", w)
+            names = {_id(r, "video_id", w): _get(r, "video_name", w, default=None) or _id(r, "video_id", w)
                      for w, r in _read_jsonl(index)}
             break
     items = []
@@ -228,7 +274,7 @@ def load_items(cfg):
         raise EvalError(f"eval.benchmark={e.benchmark!r}: expected one of {list(LOADERS)}")
     if not e.annotations or not os.path.exists(e.annotations):
         raise EvalError(f"eval.annotations={e.annotations!r} does not exist: point it at the benchmark's "
-                        "annotations (PROTOCOLS.md lists the layouts)")
+                        "annotations (the load_<benchmark> functions list the layouts)")
     items = LOADERS[e.benchmark](e.annotations, e.video_dir, e.vdc_sections)
     seen = {}
     for it in items:
@@ -256,6 +302,14 @@ TEMPLATES = {  # eval's judge steps beyond rewards.py's extract_events; the mark
         "Answer with JSON only, one item per statement, in order: "
         '{"events": [{"event": "...", "relationship": "entailment|neutral|contradiction", "reason": "..."}]}\n\n'
         "Description:\n{description}\n\nStatements:\n{events}"),
+    "entail_objects": (
+        "[VideoCap-R1 eval task: entail_objects]\n"
+        "Below are a video description and a JSON list of statements, each naming an object in the video "
+        "with one attribute. For each statement, decide from the description alone whether the description "
+        'entails it ("entailment"), contradicts it ("contradiction") or neither ("neutral").\n'
+        "Answer with JSON only, one item per statement, in order: "
+        '{"objects": [{"object": "...", "relationship": "entailment|neutral|contradiction", "reason": "..."}]}\n\n'
+        "Description:\n{description}\n\nStatements:\n{objects}"),
     "vdc_answer": (
         "[VideoCap-R1 eval task: vdc_answer]\n"
         "Answer the question about a video from its description alone, with a short phrase or sentence. "
@@ -279,9 +333,12 @@ def _lexical_objects(fields):
     return json.dumps({"objects": [f"there is {s}" for s in _sentences(fields["caption"])][:10]})
 
 
-def _lexical_entail(fields):
-    numbered = "\n".join(f"{k}. {' '.join(s.split())}" for k, s in enumerate(json.loads(fields["events"]), 1))
-    return rewards.LEXICAL["entail"]({"description": fields["description"], "events": numbered})
+def _lexical_entail(fields, kind="events", one="event"):
+    statements = json.loads(fields[kind])
+    numbered = "\n".join(f"{k}. {' '.join(s.split())}" for k, s in enumerate(statements, 1))
+    judged = json.loads(rewards.LEXICAL["entail"]({"description": fields["description"], "events": numbered}))
+    return json.dumps({kind: [{one: s, "relationship": j["relationship"], "reason": j["reason"]}
+                              for s, j in zip(statements, judged["events"])]})
 
 
 def _lexical_answer(fields):
@@ -296,8 +353,10 @@ def _lexical_grade(fields):
     return repr({"pred": "yes" if share >= rewards.LEXICAL_ENTAILS else "no", "score": round(5 * share)})
 
 
-LEXICAL = {"extract_objects": _lexical_objects, "entail": _lexical_entail, "vdc_answer": _lexical_answer,
-           "vdc_grade": _lexical_grade}
+LEXICAL = {"extract_objects": _lexical_objects, "entail": _lexical_entail,
+           "entail_objects": functools.partial(_lexical_entail, kind="objects", one="object"),
+           "vdc_answer": _lexical_answer, "vdc_grade": _lexical_grade}
+ENTAIL = {"events": "entail", "objects": "entail_objects"}  # kind of statement -> its entailment step
 
 
 def _parse_objects(reply):
@@ -306,6 +365,16 @@ def _parse_objects(reply):
     if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
         raise ValueError('expected {"objects": [str, ...]}')
     return [o.strip() for o in objects if o.strip()]
+
+
+def _parse_judged(reply, n, kind):
+    """The n labels of a reply {kind: [{..., "relationship": label}, ...]} (or a bare list): the official
+    scripts read the key "events" for events and "objects" for objects."""
+    obj = rewards.decode_reply(reply)
+    judged = obj.get(kind) if isinstance(obj, dict) else obj
+    if not isinstance(judged, list) or len(judged) != n:
+        raise ValueError(f'expected {{"{kind}": [{n} judged statements]}}')
+    return rewards._parse_labels(json.dumps(judged, default=str, skipkeys=True), n)
 
 
 def _parse_answer(reply):
@@ -336,10 +405,10 @@ def extract_task(kind, caption):
                         _parse_objects, _lexical_objects)
 
 
-def entail_task(description, statements):
-    return rewards.Task("entail", TEMPLATES["entail"], {"description": description.strip(),
-                        "events": json.dumps(statements, ensure_ascii=False)},
-                        functools.partial(rewards._parse_labels, n=len(statements)), _lexical_entail)
+def entail_task(kind, description, statements):
+    step, fields = ENTAIL[kind], {"description": description.strip(), kind: json.dumps(statements, ensure_ascii=False)}
+    return rewards.Task(step, TEMPLATES[step], fields, functools.partial(_parse_judged, n=len(statements), kind=kind),
+                        LEXICAL[step])
 
 
 def vdc_answer_task(caption, question):
@@ -364,9 +433,11 @@ def check_prompts(prompts):
 
 
 def make_judge(cfg):
-    """rewards.py's judge (HTTP or lexical) with eval.prompts as its replacement prompts."""
+    """rewards.py's judge (HTTP or lexical) with eval.prompts as its replacement prompts and
+    eval.malformed_retries (not judge.malformed_retries, training's) as its re-asks."""
     check_prompts(cfg.eval.prompts)
-    return rewards.make_judge(dataclasses.replace(cfg.judge, prompts=dict(cfg.eval.prompts)))
+    return rewards.make_judge(dataclasses.replace(cfg.judge, prompts=dict(cfg.eval.prompts),
+                                                  malformed_retries=cfg.eval.malformed_retries))
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -385,19 +456,20 @@ def score_pr(items, answers, kind, judge):
 
     Recall = share of reference statements the judge labels "entailment" given the prediction; precision
     = share of the prediction's extracted statements entailed by the reference; empty lists score 1.0
-    (rewards.coverage). Both texts are lowercased first. Two waves: extraction, then entailment."""
+    (rewards.coverage). Both texts are lowercased first, and an extraction step reads its text with every "
+    replaced by ' (the official scripts' step). Two waves: extraction, then entailment."""
     preds = [a.lower() if a is not None else None for a in answers]
     refs = [it.reference.lower() for it in items]
     truth = [getattr(it, kind) for it in items]
     need = [r for r, t in zip(refs, truth) if t is None] + [p for p in preds if p]
     need = list(dict.fromkeys(need))
-    extracted = dict(zip(need, judge.ask([extract_task(kind, c) for c in need])))
+    extracted = dict(zip(need, judge.ask([extract_task(kind, c.replace('"', "'")) for c in need])))
     extracted[""] = []  # an empty caption states nothing
     truth = [extracted[r] if t is None else t for r, t in zip(refs, truth)]
     asks = [(p, t) for p, t in zip(preds, truth)] + [(r, extracted.get(p)) for r, p in zip(refs, preds)]
     todo = [k for k, (p, s) in enumerate(asks) if p is not None and s]
     labels = [[] if s == [] else None for _, s in asks]  # [] covers 1.0; None: failed
-    for k, result in zip(todo, judge.ask([entail_task(*asks[k]) for k in todo])):
+    for k, result in zip(todo, judge.ask([entail_task(kind, *asks[k]) for k in todo])):
         labels[k] = result
     out, n = [], len(items)
     for k, p in enumerate(preds):
@@ -407,15 +479,21 @@ def score_pr(items, answers, kind, judge):
     return out
 
 
-def aggregate_pr(items, answers, scores):
-    """Mean P and R per group, F1 from those means; overall P, R = mean of the group means (macro)."""
+PR_COUNTS = ("caption_failed", "judge_failed", "judge_failed_other")
+
+
+def aggregate_pr(items, answers, scores, dropped=()):
+    """Mean P and R per group, F1 from those means; overall P, R = mean of the group means (macro).
+    dropped[k]: item k's judging failed for another score, which leaves it out of this one too (counted
+    in judge_failed, and in judge_failed_other)."""
     groups = {}
-    for it, a, s in zip(items, answers, scores):
-        g = groups.setdefault(it.group, {"scores": [], "caption_failed": 0, "judge_failed": 0})
+    for it, a, s, other in zip(items, answers, scores, dropped or [False] * len(items)):
+        g = groups.setdefault(it.group, {"scores": [], **dict.fromkeys(PR_COUNTS, 0)})
         if a is None:
             g["caption_failed"] += 1
-        elif s is None:
+        elif s is None or other:
             g["judge_failed"] += 1
+            g["judge_failed_other"] += s is not None
         else:
             g["scores"].append(s)
     table = {}
@@ -423,11 +501,11 @@ def aggregate_pr(items, answers, scores):
         g = groups[name]
         p, r = _mean([s["precision"] for s in g["scores"]]), _mean([s["recall"] for s in g["scores"]])
         table[name] = {"precision": p, "recall": r, "f1": f1(p, r), "videos": len(g["scores"]),
-                       "caption_failed": g["caption_failed"], "judge_failed": g["judge_failed"]}
+                       **{k: g[k] for k in PR_COUNTS}}
     scored = [t for t in table.values() if t["videos"]]
     p, r = _mean([t["precision"] for t in scored]), _mean([t["recall"] for t in scored])
     overall = {"precision": p, "recall": r, "f1": f1(p, r)}
-    overall.update({k: sum(t[k] for t in table.values()) for k in ("videos", "caption_failed", "judge_failed")})
+    overall.update({k: sum(t[k] for t in table.values()) for k in ("videos", *PR_COUNTS)})
     return {"groups": table, "overall": overall}
 
 
@@ -480,7 +558,10 @@ def score_chunk(benchmark, items, answers, judge):
 def aggregate(benchmark, items, answers, scores):
     if benchmark == "vdc":
         return aggregate_vdc(items, scores)
-    return {name: aggregate_pr(items, answers, [s[name] for s in scores]) for name in KINDS[benchmark]}
+    # CaReBench (utils/dream_gpt.py, process_one_sample) keeps a video only when all its judgements
+    # succeeded: a failure for actions or for objects leaves it out of both scores
+    dropped = [None in s.values() for s in scores]
+    return {name: aggregate_pr(items, answers, [s[name] for s in scores], dropped) for name in KINDS[benchmark]}
 
 # ----------------------------------------------------------------------------- predictions
 
@@ -500,18 +581,80 @@ def answer_text(output):
     return "" if "<answer>" in output or "<think>" in output else output.strip()
 
 
-def read_predictions(path, torn_tail_ok=False):
+def read_predictions(path, torn_tail_ok=False, items=()):
     """(id, section) -> (FILE:LINE, record); a later line replaces an earlier one. A record is failed
-    (`failed`: why) or has `answer` (else derived from `output`)."""
-    records = {}
+    (`failed`: why) or has `answer` (else derived from `output`). Reads ours and the official formats
+    (official_format); CaReBench's keys are positions in `items`, the benchmark's annotations."""
+    fmt = official_format(path)
+    if fmt == "carebench":
+        return _from_carebench(path, items)
+    records, skipped = {}, 0
     for w, r in _read_jsonl(path, torn_tail_ok):
         if not isinstance(r, dict):
             raise EvalError(f"{w}: expected a JSON object with 'id' and 'answer'")
-        key = _get(r, "id", w), _get(r, "section", w, default="")
+        if fmt == "tarsier" and (r := _from_tarsier(r, w)) is None:
+            skipped += 1
+            continue
+        key = _id(r, "id", w), _get(r, "section", w, default="")
+        r["id"] = key[0]  # merge writes the one form
         if _get(r, "failed", w, (str, type(None)), default=None) is None and "answer" not in r:
             r["answer"] = answer_text(_get(r, "output", w))
         _get(r, "answer", w, (str, type(None)), default=None)
         records[key] = w, r
+    if skipped:
+        print(f"{path}: skipped {skipped} lines of other benchmarks than DREAM", file=sys.stderr)
+    return records
+
+
+def official_format(path):
+    """"carebench" for a file that is one JSON object with neither `id` nor `messages` (CaReBench's
+    description.json), "tarsier" for JSONL whose first record has `messages`, else None (ours)."""
+    text = Path(path).read_text()
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, dict) and not {"id", "messages"} & whole.keys():
+        return "carebench"
+    try:
+        first = json.loads(next((line for line in text.split("\n") if line.strip()), "null"))
+    except json.JSONDecodeError:
+        return None
+    return "tarsier" if isinstance(first, dict) and "messages" in first else None
+
+
+TARSIER_FAILED = "<error>"  # what tarsier's inference writes for a video it could not caption
+
+
+def _from_tarsier(rec, where):
+    """Our record from a line of tarsier's inference output (None for another benchmark's line): the
+    caption is the `text` of the assistant contents that hold a `reference`, where its evaluation reads it."""
+    if not _get(rec, "dataset", where).startswith("DREAM/"):
+        return None
+    texts = [_get(c, "text", where) for m in _get(rec, "messages", where, list)
+             if isinstance(m, dict) and m.get("role") == "assistant"
+             for c in _get(m, "content", where, list) if isinstance(c, dict) and c.get("reference")]
+    if not texts:
+        raise EvalError(f"{where}: no assistant content with a 'reference' (tarsier's caption is its 'text')")
+    output = "".join(texts)
+    failed = f"tarsier's inference wrote {TARSIER_FAILED}" if output == TARSIER_FAILED else None
+    return {"id": _id(rec, "vid", where), "output": None if failed else output, "failed": failed}
+
+
+def _from_carebench(path, items):
+    """Our records from CaReBench's description.json {"<k>": {"pred", "gt", ...}}: k is the position of
+    the video in metadata.json, `gt` its caption (a mismatch means captions of other annotations)."""
+    records = {}
+    for key, rec in json.loads(Path(path).read_text()).items():
+        w, k = f"{path}:key {key}", int(key) if key.isdecimal() else -1
+        if not 0 <= k < len(items):
+            raise EvalError(f"{w}: expected the index of a record of the annotations (0 to {len(items) - 1})")
+        if _get(rec, "gt", w) != items[k].reference:
+            raise EvalError(f"{w}: 'gt' is not the caption of {items[k].where}: are these captions of other "
+                            "annotations?")
+        output = _get(rec, "pred", w)
+        records[items[k].key] = w, {"id": items[k].id, "section": "", "output": output,
+                                    "answer": answer_text(output), "failed": None}
     return records
 
 
@@ -642,7 +785,7 @@ def first_videos(items, limit):
 def read_answers(items, everything, pred_path, annotations):
     """The scored text of each item from a predictions file (None: captioning failed or no prediction),
     and the models named in its settings. A prediction for a video not in the benchmark is an error."""
-    preds = read_predictions(pred_path)
+    preds = read_predictions(pred_path, items=everything)
     known = {it.key for it in everything}
     for key, (where, _) in preds.items():
         if key not in known:
@@ -677,7 +820,8 @@ def score(cfg, items, everything, pred_path):
         "model": ", ".join(models) or "unknown (predictions made elsewhere)",
         "sections": e.vdc_sections if e.benchmark == "vdc" else None,
         "judge": {"model": judge.describe() if cfg.judge.url == "lexical" else cfg.judge.model, "url": cfg.judge.url,
-                  "tasks_per_video": judge.stats["tasks"] / max(videos, 1), "stats": judge.stats},
+                  "malformed_retries": e.malformed_retries, "tasks_per_video": judge.stats["tasks"] / max(videos, 1),
+                  "stats": judge.stats},
         "videos": {"total": videos, "items": len(items), "caption_failed": sum(a is None for a in answers),
                    "missing": missing},
         "metrics": aggregate(e.benchmark, items, answers, scores),
@@ -698,8 +842,9 @@ def _pr_table(name, table):
     rows = [f"| {name} | F1 | P | R | videos scored | caption failed | judge failed |", "|---" * 7 + "|"]
     groups = list(table["groups"].items()) if len(table["groups"]) > 1 else []  # CaReBench has one
     for group, t in [*groups, ("**overall** (macro over groups)", table["overall"])]:
+        other = f" ({t['judge_failed_other']} for the other score)" if t["judge_failed_other"] else ""
         rows.append(f"| {group} | {_pct(t['f1'])} | {_pct(t['precision'])} | {_pct(t['recall'])} | {t['videos']} "
-                    f"| {t['caption_failed']} | {t['judge_failed']} |")
+                    f"| {t['caption_failed']} | {t['judge_failed']}{other} |")
     return rows
 
 
@@ -731,7 +876,7 @@ def markdown(results):
             lines += _pr_table(name, table) + [""]
         o = results["metrics"]["events"]["overall"] if b == "dream1k" else None
         ours = [None if o is None or o[k] is None else 100 * o[k] for k in ("f1", "precision", "recall")]
-    lines += ["", f"Published (PROTOCOLS.md; judge {pub['judge']}; scores depend strongly on the judge):", ""]
+    lines += ["", f"Published (judge {pub['judge']}; scores depend strongly on the judge):", ""]
     if pub["rows"]:
         lines += ["| model | " + " | ".join(pub["columns"]) + " | judge |", "|---" * (len(pub["columns"]) + 2) + "|"]
         for model, row in [("**ours**", ours), *pub["rows"].items()]:
@@ -750,13 +895,14 @@ def evaluate(cfg):
     everything = load_items(cfg)
     items = first_videos(everything, e.limit)
     check_prompts(e.prompts)
-    pred_path = e.predictions or os.path.join(e.out_dir, "predictions.jsonl")
+    pred_path = predictions_file(e)
     if e.score_only:
         if int(os.environ.get("RANK", 0)):  # started by torchrun anyway: one scorer is enough
             return None
-        if not os.path.isfile(pred_path):
-            raise EvalError(f"eval.score_only: no predictions file {pred_path}; set eval.predictions")
-        return score(cfg, items, everything, pred_path)
+        return score(cfg, items, everything, predictions_file(e, "eval.score_only"))
+    if os.path.isfile(pred_path) and (fmt := official_format(pred_path)):
+        raise EvalError(f"{pred_path} holds {fmt}'s captions: score them with eval.score_only=true, or caption "
+                        "into another eval.predictions")
     rank, world, device = init_distributed()
     try:
         if rank == 0:
@@ -782,10 +928,99 @@ def evaluate(cfg):
     return score(cfg, items, everything, pred_path)
 
 
+def predictions_file(e, needed_by=""):
+    """eval.predictions, else eval.out_dir/predictions.jsonl; with `needed_by`, it must exist."""
+    path = e.predictions or os.path.join(e.out_dir, "predictions.jsonl")
+    if needed_by and not os.path.isfile(path):
+        raise EvalError(f"{needed_by}: no predictions file {path}; set eval.predictions")
+    return path
+
+
+EXPORTS = {"tarsier": ("dream1k", "tarsier_predictions.jsonl"), "carebench": ("carebench", "description.json")}
+
+
+def _tarsier_record(it, index, answer):
+    """A line of tarsier's inference output: the tarsier annotation with `answer` beside its reference, or
+    one built from the HF layout's fields; idx (tarsier's key) = the position when the record has none."""
+    src = it.source
+    if "messages" in src:
+        rec = copy.deepcopy(src)
+        rec["messages"][1]["content"][0]["text"] = answer  # beside the reference load_dream1k read
+        return {"idx": index, **rec}
+    extra = {k: src[k] for k in ("duration", "n_subjects", "n_shots", "n_events") if k in src}
+    reply = {"type": "text", "text": answer, "reference": it.reference}
+    return {"messages": [{"role": "user", "content": [{"type": "video", "video": {"video_file": it.video}},
+                                                      {"type": "text", "text": it.prompt}]},
+                         {"role": "assistant", "content": [reply]}],
+            "dataset": f"DREAM/{it.group}", "task": "video/caption", "idx": src.get("idx", index), "vid": it.id,
+            "extra_info": {"events": it.events, **extra}}
+
+
+def export(cfg, fmt):
+    """Write the predictions (eval.predictions, else eval.out_dir's) as the input of fmt's official scorer
+    into eval.out_dir -> its path. Failed and missing captions are left out (counted), as we score them."""
+    e = cfg.eval
+    benchmark, name = EXPORTS[fmt]
+    if e.benchmark != benchmark:
+        raise EvalError(f"--export {fmt} writes {benchmark} captions, but eval.benchmark={e.benchmark}")
+    everything = load_items(cfg)
+    items = first_videos(everything, e.limit)
+    answers, _, _ = read_answers(items, everything, predictions_file(e, f"--export {fmt}"), e.annotations)
+    index = {it.key: k for k, it in enumerate(everything)}
+    done = [(index[it.key], it, a) for it, a in zip(items, answers) if a is not None]
+    if fmt == "tarsier":
+        text = "".join(json.dumps(_tarsier_record(it, k, a), ensure_ascii=False) + "\n" for k, it, a in done)
+    else:  # CaReBench's tasks/captioning.py reads <save_dir>/description.json instead of captioning
+        text = json.dumps({str(k): {"pred": a, "gt": it.reference, "events": it.events, "objects": it.objects}
+                           for k, it, a in done}, ensure_ascii=False)
+    os.makedirs(e.out_dir, exist_ok=True)
+    path = os.path.join(e.out_dir, name)
+    Path(path).write_text(text)
+    print(f"--export {fmt}: {len(done)} captions written, {len(items) - len(done)} failed or missing left out")
+    return path
+
+
+USAGE = """usage: python evaluate.py [CONFIG.yaml] [--export tarsier|carebench] [section.key=value ...]
+
+Caption and score eval.benchmark (this file's docstring says how), or with --export write the
+predictions as an official scorer's input into eval.out_dir: tarsier (DREAM-1K; tarsier's
+evaluation/evaluate.py --pred_file) or carebench (description.json, read by CaReBench's
+tasks/captioning.py from its --save_dir)."""
+
+
+def _usage_error(message):
+    print(f"evaluate: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv):
+    """(config path or None, --export format or None, key=value overrides). --help prints the usage and
+    exits 0; an unknown flag exits 2 with one line."""
+    path, fmt, overrides, args = None, None, [], iter(argv)
+    for arg in args:
+        if arg in ("-h", "--help"):
+            print(USAGE)
+            sys.exit(0)
+        if arg == "--export" or arg.startswith("--export="):
+            fmt = arg.partition("=")[2] or next(args, "")
+            if fmt not in EXPORTS:
+                _usage_error(f"--export takes {' or '.join(EXPORTS)}, got {fmt!r}")
+        elif arg.startswith("-"):
+            _usage_error(f"unknown flag {arg}; the flags are --export {'|'.join(EXPORTS)} and --help")
+        elif path is None and not overrides and "=" not in arg:
+            path = arg
+        else:
+            overrides.append(arg)
+    return path, fmt, overrides
+
+
 def main(argv):
-    path = argv[0] if argv and "=" not in argv[0] else None
+    path, fmt, overrides = parse_args(argv)
     try:
-        cfg = config_lib.load_config(path, argv[1:] if path else argv)
+        cfg = config_lib.load_config(path, overrides)
+        if fmt:
+            print(export(cfg, fmt))
+            return
         results = evaluate(cfg)
     except (config_lib.ConfigError, EvalError) as err:
         sys.exit(f"evaluate: {err}")

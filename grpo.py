@@ -17,58 +17,62 @@ Where this goes beyond or deviates from the paper (arXiv 2506.01725), all in con
   loss and counted (their advantage is 0 or undefined; keeping them only dilutes the
   per-sequence mean).
 - `loss_agg` and `adv_scale` also offer token-mean and Dr. GRPO's variants.
-- The policy keeps fp32 master weights and computes in bf16 on GPU (FSDP2 mixed
-  precision): at lr 1e-6 a bf16 weight cannot hold the update.
-- Plain `python grpo.py` runs as a world of one through the same FSDP2 code path.
+- `adv_scale: batch` divides by the std of every valid reward of the global batch (all
+  ranks; groups dropped for a failed judge call left out), as verl and TRL scale it.
+- `train.warm_start` runs sft.py's supervised stage first and starts GRPO from its export
+  (the demo's way of teaching a random model the output format; a cold start for real runs).
+- The training machinery (FSDP2, fp32 master weights with bf16 compute, checkpoints, export)
+  is training.py's, shared with sft.py.
 """
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import random
-import shutil
-import signal
-import socket
 import sys
 import time
 import traceback
 import warnings
-from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict, set_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import config as config_lib
 import data
 import model as model_lib
 import rewards
+import sft
+import training
+from training import print0, reduce
 
 # ----------------------------------------------------------------------------- the math
 
 
-def group_advantages(rewards, scale="group", eps=1e-4):
+def group_advantages(rewards, scale="group", eps=1e-4, batch_std=None):
     """rewards (B, G) -> advantages (B, G).
 
     A_i = (r_i - mean(r)) / (std(r) + eps), mean and (unbiased) std over the G samples
-    of one video ("group", the paper), std over the whole batch ("batch"), or no
-    division at all ("none", Dr. GRPO).
+    of one video ("group", the paper), std over the whole batch ("batch": `batch_std`,
+    the global one from batch_std(); rewards.std() when not given), or no division at
+    all ("none", Dr. GRPO).
     """
     centered = rewards - rewards.mean(dim=1, keepdim=True)  # (B, G)
     if scale == "group":
         return centered / (rewards.std(dim=1, keepdim=True) + eps)
     if scale == "batch":
-        return centered / (rewards.std() + eps)
+        return centered / ((rewards.std() if batch_std is None else batch_std) + eps)
     if scale == "none":
         return centered
     raise ValueError(f"adv_scale must be group, batch or none, got {scale!r}")
+
+
+def batch_std(rewards, valid):
+    """The unbiased std of the rewards of the `valid` groups of every rank: rewards (B, G),
+    valid (B,) -> float. One all-reduce of (count, sum, sum of squares), so the scale is that
+    of the concatenated global batch, whatever the number of ranks."""
+    x = rewards[valid].double()
+    n, total, squares = reduce([x.numel(), x.sum().item(), (x * x).sum().item()])
+    return math.sqrt(max(squares - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
 
 
 def kl_k3(logp, ref_logp):
@@ -129,171 +133,6 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, eps_low, eps_high, beta, ag
     return loss, stats
 
 
-def lr_factor(step, cfg):
-    """Linear warmup from 0, then constant, cosine or linear decay to min_lr_ratio."""
-    if step < cfg.train.warmup_steps:
-        return (step + 1) / cfg.train.warmup_steps
-    if cfg.train.lr_schedule == "constant":
-        return 1.0
-    total = max(1, cfg.train.steps - cfg.train.warmup_steps)
-    progress = min(1.0, (step - cfg.train.warmup_steps) / total)
-    lo = cfg.train.min_lr_ratio
-    if cfg.train.lr_schedule == "cosine":
-        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.train.lr_schedule == "linear":
-        return lo + (1 - lo) * (1 - progress)
-    raise ValueError(f"lr_schedule must be constant, cosine or linear, got {cfg.train.lr_schedule!r}")
-
-# ----------------------------------------------------------------------------- distributed
-
-
-def init_distributed():
-    """Join the process group torchrun describes, or make a world of one."""
-    kw = {"timeout": timedelta(minutes=30)}
-    if "RANK" not in os.environ:  # plain `python grpo.py`
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        kw.update(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, **kw)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", **kw)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    return dist.get_rank(), dist.get_world_size(), device, mesh
-
-
-def reduce(values, op=dist.ReduceOp.SUM):
-    """All-reduce a list of floats across ranks (one collective)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=op)
-    return t.tolist()
-
-
-def shard(policy, mesh, device, *, train, offload=False):
-    """Our FSDP2 wrapping: each vision block, each decoder layer, then the root (the
-    Policy, which owns embeddings, the final norm and lm_head)."""
-    on_gpu = device.type == "cuda"
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if on_gpu and train else MixedPrecisionPolicy()
-    kw = {"mesh": mesh, "mp_policy": mp}
-    if offload and on_gpu:
-        kw["offload_policy"] = CPUOffloadPolicy()
-    inner = policy.hf.model
-    for block in inner.visual.blocks:
-        fully_shard(block, **kw)
-    for layer in inner.language_model.layers:
-        fully_shard(layer, **kw)
-    fully_shard(policy, **kw)
-    if not (offload and on_gpu):
-        policy.to(device)
-    # FSDP2 picks its root at the first forward; generation calls the layers directly,
-    # so make the Policy the root before anything runs.
-    policy._get_fsdp_state()._lazy_init()
-    return policy
-
-
-@contextlib.contextmanager
-def gathered(policy):
-    """Hold every FSDP unit unsharded for a whole rollout: one all-gather per unit
-    instead of one per decode step. The root keeps FSDP's default of no reshard."""
-    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
-    for u in units:
-        u.unshard()
-        u.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield
-    finally:
-        for u in units:
-            u.reshard()
-            u.set_reshard_after_forward(u is not policy, recurse=False)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def latest_checkpoint(ckpt_dir):
-    """Newest complete checkpoint folder (one with meta.json), or None."""
-    if not os.path.isdir(ckpt_dir):
-        return None
-    done = [d for d in os.listdir(ckpt_dir)
-            if d.startswith("step-") and os.path.exists(os.path.join(ckpt_dir, d, "meta.json"))]
-    return os.path.join(ckpt_dir, max(done)) if done else None
-
-
-def rng_state(generator):
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(), "sampling": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state, generator):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["sampling"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_checkpoint(ckpt_dir, step, policy, optimizer, extra, rank, keep):
-    """Write step-XXXXXX.tmp (sharded model + optimizer through DCP, one small file per
-    rank for its RNG and data position), then rename: a crash never leaves a
-    half-written folder that `resume: auto` would pick."""
-    final = os.path.join(ckpt_dir, f"step-{step:06d}")
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(policy, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save(extra, os.path.join(tmp, f"rank{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": step, "world": dist.get_world_size()}, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        old = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step-") and not d.endswith(".tmp"))
-        for d in old[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
-    dist.barrier()
-
-
-def load_checkpoint(path, policy, optimizer, rank):
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    if meta["world"] != dist.get_world_size():
-        raise RuntimeError(f"{path} was written by {meta['world']} ranks, this run has "
-                           f"{dist.get_world_size()}: the data position and RNG are per rank")
-    model_sd, optim_sd = get_state_dict(policy, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=False)
-
-
-def export_hf(policy, tokenizer, out_dir, dtype, rank):
-    """Full weights gathered on rank 0, cast to the compute dtype (not the fp32 master
-    copy) and written with save_pretrained, so model.py and evaluate.py load the result
-    like any checkpoint."""
-    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        with torch.device("meta"):
-            fresh = type(policy.hf)._from_config(policy.hf.config, dtype=dtype)
-        fresh.load_state_dict({k.removeprefix("hf."): v.to(dtype) for k, v in sd.items()}, assign=True)
-        fresh.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-    dist.barrier()
-
 # ----------------------------------------------------------------------------- one step
 
 
@@ -302,7 +141,7 @@ def rollout(policy, batch, cfg, special, generator):
     def all_done(local_done):
         return reduce([float(local_done)], dist.ReduceOp.MIN)[0] > 0
     policy.eval()  # HF switches the KV cache off under gradient checkpointing in train mode
-    with gathered(policy), torch.no_grad():
+    with training.gathered(policy), torch.no_grad():
         roll = model_lib.generate(policy.hf, batch, cfg.sampling.group_size, cfg.sampling.max_new_tokens,
                                   cfg.sampling.temperature, cfg.sampling.top_p, special["eos_ids"],
                                   special["pad_id"], generator=generator, sync=all_done)
@@ -358,16 +197,15 @@ def update(policy, optimizer, chunks, prompts, roll, adv, ref_logps, old_logps, 
             if n:
                 acc["ratio_min"] = min(acc["ratio_min"], st["ratio_min"])
                 acc["ratio_max"] = max(acc["ratio_max"], st["ratio_max"])
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.grad_clip or math.inf)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         loss_total = reduce([loss_sum])[0]
-        if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
-            optimizer.zero_grad(set_to_none=True)  # a non-finite step is skipped, never applied
+        grad_norm, stepped = training.clip_and_step(policy, optimizer, t.grad_clip, math.isfinite(loss_total))
+        if not stepped:  # a non-finite step is skipped, never applied
             acc["skipped"] += 1
             continue
-        optimizer.step()
-        acc["loss"] += loss_total / t.num_iterations
-        acc["grad_norm"] += grad_norm.item() / t.num_iterations
+        acc["loss"] += loss_total
+        acc["grad_norm"] += grad_norm
+    applied = t.num_iterations - acc["skipped"]  # the means are over the passes applied
+    acc["loss"], acc["grad_norm"] = acc["loss"] / max(applied, 1), acc["grad_norm"] / max(applied, 1)
     return acc
 
 
@@ -385,8 +223,10 @@ def train_step(policy, ref, optimizer, items, reward_fn, cfg, special, generator
     records = [rec for rec, _ in items for _ in range(G)]  # row b*G+g is video b
     reward, parts, reward_stats = reward_fn(texts, records, roll)  # (N,), name -> (N,)
     r = reward.to(device).view(-1, G)  # (B, G)
-    valid = torch.isfinite(r).all(dim=1) & (r.amax(dim=1) > r.amin(dim=1))  # (B,) groups with signal
-    adv = group_advantages(torch.nan_to_num(r), cfg.train.adv_scale, cfg.train.adv_eps)  # (B, G)
+    judged = torch.isfinite(r).all(dim=1)  # (B,) groups without a failed judge call
+    valid = judged & (r.amax(dim=1) > r.amin(dim=1))  # (B,) groups with signal
+    scale = batch_std(r, judged) if cfg.train.adv_scale == "batch" else None  # a collective: every rank
+    adv = group_advantages(torch.nan_to_num(r), cfg.train.adv_scale, cfg.train.adv_eps, scale)  # (B, G)
     adv = (adv * valid[:, None]).flatten()  # (N,)
     keep = valid.repeat_interleave(G)  # (N,)
     times["reward"] = time.perf_counter() - t0
@@ -430,8 +270,33 @@ def train_step(policy, ref, optimizer, items, reward_fn, cfg, special, generator
                         "ratio_min": reduce([acc["ratio_min"]], dist.ReduceOp.MIN)[0],
                         "ratio_max": reduce([acc["ratio_max"]], dist.ReduceOp.MAX)[0]})
     metrics.update({f"time_{k}": v for k, v in times.items()})
-    sample = {"text": texts[0], "reward": reward[0].item(), **{k: v[0].item() for k, v in parts.items()}}
+    sample = {"video": records[0].id, "text": texts[0], "reward": reward[0].item(),
+              **{k: v[0].item() for k, v in parts.items()}}
     return metrics, sample
+
+# ----------------------------------------------------------------------------- held-out evaluation
+
+
+def heldout_rewards(policy, prompts, reward_fn, cfg, special, device):
+    """Greedy outputs (one per video) for this rank's held-out (record, prompt) pairs, scored by reward_fn ->
+    {"val_reward": mean, "val_reward_<part>": mean} over every rank's videos."""
+    greedy = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, group_size=1, temperature=0.0))
+    size = cfg.train.prompts_per_rank
+    rounds = int(reduce([math.ceil(len(prompts) / size)], dist.ReduceOp.MAX)[0])
+    sums = {}
+    for k in range(rounds):
+        chunk = prompts[k * size:(k + 1) * size]
+        weight = 1.0 if chunk else 0.0
+        chunk = chunk or prompts[:1]  # a rank with fewer videos keeps in step with the others' collectives
+        batch = {key: v.to(device) for key, v in data.collate([p for _, p in chunk], special["pad_id"]).items()}
+        roll = rollout(policy, batch, greedy, special, generator=None)
+        reward, parts, _ = reward_fn(special["decode"](roll), [rec for rec, _ in chunk], roll)
+        for name, v in {"reward": reward, **{f"reward_{p}": x for p, x in parts.items()}}.items():
+            total, n = sums.get(name, (0.0, 0.0))
+            sums[name] = (total + weight * v.nan_to_num().sum().item(), n + weight * torch.isfinite(v).sum().item())
+    names = sorted(sums)
+    flat = reduce([x for name in names for x in sums[name]])
+    return {f"val_{name}": flat[2 * k] / max(flat[2 * k + 1], 1) for k, name in enumerate(names)}
 
 # ----------------------------------------------------------------------------- the run
 
@@ -439,56 +304,34 @@ def train_step(policy, ref, optimizer, items, reward_fn, cfg, special, generator
 def check_config(cfg):
     """Fail before any model loads on values the types allow but the math does not."""
     t, s = cfg.train, cfg.sampling
-    problems = []
+    problems = training.check_run(t, "train", cfg.data)
     if s.group_size < 2:
         problems.append(f"sampling.group_size must be >= 2 (a group of one has no advantage), got {s.group_size}")
     if t.loss_agg not in LOSS_AGGS:
         problems.append(f"train.loss_agg must be one of {', '.join(LOSS_AGGS)}, got {t.loss_agg!r}")
     if t.adv_scale not in ("group", "batch", "none"):
         problems.append(f"train.adv_scale must be group, batch or none, got {t.adv_scale!r}")
-    if t.lr_schedule not in ("constant", "cosine", "linear"):
-        problems.append(f"train.lr_schedule must be constant, cosine or linear, got {t.lr_schedule!r}")
-    for key in ("prompts_per_rank", "micro_batch_size", "num_iterations", "epochs"):
-        if getattr(t, key) < 1:
-            problems.append(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    if t.beta < 0 or t.eps_low < 0 or t.eps_high < 0 or t.lr <= 0:
-        problems.append("train.beta, eps_low and eps_high must be >= 0 and train.lr > 0")
+    if t.num_iterations < 1:
+        problems.append(f"train.num_iterations must be >= 1, got {t.num_iterations}")
+    if t.beta < 0 or t.eps_low < 0 or t.eps_high < 0:
+        problems.append("train.beta, eps_low and eps_high must be >= 0")
     if s.max_new_tokens < 1 or s.temperature <= 0 or not 0 < s.top_p <= 1:
         problems.append("GRPO samples: sampling.max_new_tokens >= 1, temperature > 0 and 0 < top_p <= 1 "
                         "are required")
+    if t.warm_start:
+        problems += training.check_run(cfg.sft, "sft", cfg.data)
     if problems:
         raise config_lib.ConfigError("; ".join(problems))
-
-
-def make_logger(cfg, out_dir, rank):
-    """metrics.jsonl on rank 0, plus wandb / TensorBoard when switched on and installed."""
-    if rank != 0:
-        return lambda metrics, step: None
-    sinks = []
-    if cfg.train.wandb:
-        import wandb  # optional
-        run = wandb.init(project=cfg.train.wandb_project, config=config_lib.to_dict(cfg), dir=out_dir)
-        sinks.append(lambda m, step: run.log(m, step=step))
-    if cfg.train.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter  # optional
-        writer = SummaryWriter(os.path.join(out_dir, "tb"))
-        sinks.append(lambda m, step: [writer.add_scalar(k, v, step) for k, v in m.items()])
-    path = os.path.join(out_dir, "metrics.jsonl")
-
-    def log(metrics, step):
-        with open(path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        for sink in sinks:
-            sink(metrics, step)
-    return log
 
 
 def train(cfg, reward_fn=None):
     """The whole run. `reward_fn(texts, records, rollout) -> (reward (N,), parts, stats)`
     replaces the configured reward (tests use a toy one). Returns the last metrics."""
     check_config(cfg)
-    rank, world, device, mesh = init_distributed()
+    rank, world, device, mesh = training.init_distributed()
     try:
+        if cfg.train.warm_start:
+            cfg = warm_start(cfg, rank, world, device, mesh)
         return run(cfg, reward_fn, rank, world, device, mesh)
     except BaseException:
         if world > 1:  # end every rank with this message instead of a hang in a collective
@@ -496,37 +339,36 @@ def train(cfg, reward_fn=None):
             os._exit(1)
         raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def warm_start(cfg, rank, world, device, mesh):
+    """sft.py's supervised stage (the sft: section) unless its export already exists; GRPO then starts
+    from that export, which is also its reference model."""
+    export = os.path.join(cfg.sft.out_dir, "export")
+    if os.path.isfile(os.path.join(export, "config.json")):
+        print0(f"warm start: {export} exists, GRPO starts from it")
+    else:
+        print0(f"warm start: sft.py's stage (sft.target={cfg.sft.target}) into {cfg.sft.out_dir}")
+        sft.run(cfg, rank, world, device, mesh)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=export, build_tiny=""))
 
 
 def run(cfg, reward_fn, rank, world, device, mesh):
-    print0 = print if rank == 0 else (lambda *a, **k: None)
-    t, out = cfg.train, cfg.train.out_dir
-    ckpt_dir = os.path.join(out, "checkpoints")
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    t = cfg.train
+    training.seed_everything(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1009 + rank)
-
     records = data.load_records(cfg.data.train)  # before any model loads: bad data fails fast
+    val = data.load_records(cfg.data.val) if t.eval_every else []
     with open(cfg.data.prompt_file) as f:
         instruction = f.read().strip()
 
     # model: the policy (fp32 master weights, bf16 compute on GPU) and the frozen reference
-    if rank == 0 and not os.path.exists(cfg.model.path) and cfg.model.build_tiny:
-        print0(f"building a tiny random {cfg.model.build_tiny} model at {cfg.model.path}")
-        model_lib.build_demo(cfg.model.path, cfg.model.build_tiny, records, instruction, cfg.data,
-                             cfg.model.warm_start_steps, cfg.model.warm_start_lr, seed=cfg.seed)
-    dist.barrier()
-    tokenizer = model_lib.load_tokenizer(cfg.model.path)
-    master = dataclasses.replace(cfg.model, dtype="float32") \
-        if device.type == "cuda" and cfg.model.dtype in ("auto", "bfloat16") else cfg.model
-    hf, model_type = model_lib.load_model(cfg.model.path, master, "cpu", train=True)
-    policy = shard(model_lib.Policy(hf), mesh, device, train=True)
-    ref = None
-    if t.beta > 0:  # with beta == 0 the reference is never loaded
-        ref_hf, _ = model_lib.load_model(cfg.model.path, cfg.model, "cpu", train=False)
-        ref = shard(model_lib.Policy(ref_hf), mesh, device, train=False, offload=t.ref_offload)
+    training.ensure_model(cfg.model, rank, cfg.seed)
+    policy, tokenizer, model_type = training.load_policy(cfg.model, device, mesh)
+    ref = training.load_policy(cfg.model, device, mesh, train=False, offload=t.ref_offload)[0] \
+        if t.beta > 0 else None  # with beta == 0 the reference is never loaded
     end_ids = [tokenizer.convert_tokens_to_ids(tok) for tok in ("<|im_end|>", "<|endoftext|>")]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[1]
     special = {"eos_ids": end_ids, "pad_id": pad_id,
@@ -535,14 +377,14 @@ def run(cfg, reward_fn, rank, world, device, mesh):
                    skip_special_tokens=True)}
 
     # data
-    vision_cfg = hf.config.vision_config
+    vision_cfg = policy.hf.config.vision_config
 
     def encode(record):
         return data.encode(record.video, instruction, tokenizer, cfg.data, model_type, vision_cfg)
     stream = data.PromptStream(records, encode, rank, world, cfg.seed, t.prompts_per_rank,
                                cfg.data.shuffle, cfg.data.max_bad_fraction)
-    total = t.steps or t.epochs * stream.steps_per_epoch()
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, steps=total))
+    heldout = [(rec, encode(rec)) for rec in val[rank::world]]
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, steps=t.steps or t.epochs * stream.steps_per_epoch()))
     t = cfg.train
 
     # reward
@@ -552,37 +394,33 @@ def run(cfg, reward_fn, rank, world, device, mesh):
         def reward_fn(texts, recs, roll):
             return rewards.compute_rewards(texts, recs, cfg.reward, judge)
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
-                                  weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    start, nonfinite_run = 0, 0
-    resume_from = {"auto": latest_checkpoint(ckpt_dir), "never": None}.get(t.resume, t.resume)
-    if resume_from:
-        extra = load_checkpoint(resume_from, policy, optimizer, rank)
-        start, nonfinite_run = extra["step"], extra["nonfinite_run"]
-        scheduler.load_state_dict(extra["scheduler"])
+    optimizer, scheduler = training.make_optimizer(policy, t)
+    start, extra, resumed_from = training.resume(t, policy, optimizer, scheduler, rank)
+    nonfinite_run = 0
+    if extra:
+        nonfinite_run = extra["nonfinite_run"]
         stream.load_state_dict(extra["data"])
-        set_rng_state(extra["rng"], generator)
-        print0(f"resumed from {resume_from} at step {start}")
+        training.set_rng_state(extra["rng"], generator)
+        print0(f"resumed from {resumed_from} at step {start}")
     if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        config_lib.save_config(cfg, os.path.join(out, "config.yaml"))
-    log = make_logger(cfg, out, rank)
+        os.makedirs(t.out_dir, exist_ok=True)
+        config_lib.save_config(cfg, os.path.join(t.out_dir, "config.yaml"))
+    log = training.make_logger(t, config_lib.to_dict(cfg), rank)
 
     # a step whose groups all tie takes no optimizer step, but the schedule still counts it
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-    stop = {"requested": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    stop = training.sigterm_watch()
 
     def checkpoint(step):
         extra = {"step": step, "nonfinite_run": nonfinite_run, "scheduler": scheduler.state_dict(),
-                 "data": stream.state_dict(), "rng": rng_state(generator)}
-        save_checkpoint(ckpt_dir, step, policy, optimizer, extra, rank, t.keep_checkpoints)
+                 "data": stream.state_dict(), "rng": training.rng_state(generator)}
+        training.save_checkpoint(os.path.join(t.out_dir, "checkpoints"), step, policy, optimizer, extra, rank,
+                                 t.keep_checkpoints)
 
     print0(f"GRPO: {model_type} from {cfg.model.path}, {len(records)} videos, {world} ranks, "
-           f"{total} steps of {world * t.prompts_per_rank} videos x G={cfg.sampling.group_size}")
+           f"{t.steps} steps of {world * t.prompts_per_rank} videos x G={cfg.sampling.group_size}")
     metrics = {}
-    bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, desc="grpo")
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=rank != 0, desc="grpo")
     for step in bar:
         items = stream.next()
         metrics, sample = train_step(policy, ref, optimizer, items, reward_fn, cfg, special,
@@ -594,55 +432,61 @@ def run(cfg, reward_fn, rank, world, device, mesh):
             raise RuntimeError(f"{nonfinite_run} steps in a row had a non-finite loss or gradient; "
                                "lower train.lr or check the rewards in metrics.jsonl")
         metrics.update(lr=scheduler.get_last_lr()[0], bad_videos=stream.bad, epoch=stream.epoch,
-                       peak_mem_gb=peak_memory_gb(device))
+                       peak_mem_gb=training.peak_memory_gb(device))
+        if t.eval_every and (step + 1) % t.eval_every == 0:
+            metrics.update(heldout_rewards(policy, heldout, reward_fn, cfg, special, device))
         if (step + 1) % t.log_every == 0:
             log(metrics, step + 1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0):.4f}")
-        if rank == 0 and t.sample_every and (step + 1) % t.sample_every == 0:
-            with open(os.path.join(out, "samples.jsonl"), "a") as f:
+        if rank == 0:  # every step's first sample is kept; every sample_every-th is printed
+            with open(os.path.join(t.out_dir, "samples.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step + 1, **sample}) + "\n")
-            tqdm.write(f"[step {step + 1}] reward {sample['reward']:.3f}: {sample['text'][:300]!r}")
-        stop_now = reduce([float(stop["requested"])], dist.ReduceOp.MAX)[0] > 0
-        if stop_now or step + 1 == total or (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0):
+            if t.sample_every and (step + 1) % t.sample_every == 0:
+                tqdm.write(f"[step {step + 1}] reward {sample['reward']:.3f}: {sample['text'][:300]!r}")
+        stop_now = stop()
+        if stop_now or step + 1 == t.steps or (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0):
             checkpoint(step + 1)
         if stop_now:
             print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with resume=auto to continue")
             return metrics
     bar.close()
     if t.export:
-        export_hf(policy, tokenizer, os.path.join(out, "export"),
-                  model_lib.resolve_dtype(cfg.model.dtype, device), rank)
-    print0(summary(out, t))
+        training.export_hf(policy, tokenizer, os.path.join(t.out_dir, "export"),
+                           model_lib.resolve_dtype(cfg.model.dtype, device), rank, source=cfg.model.path)
+    if rank == 0:
+        print(summary(t.out_dir, t))
     return metrics
 
 
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 def summary(out, t):
-    """What the run did, from its metrics.jsonl: reward early and late, and how many
-    steps carried any signal."""
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        lines = [json.loads(line) for line in f]
+    """What the run did, from its metrics.jsonl and samples.jsonl: each reward part's curve and its mean
+    over the first and last quarter of the steps, how many steps updated the model, and the first and the
+    last sample of one video side by side."""
+    lines = training.read_jsonl(os.path.join(out, "metrics.jsonl"))
     k = max(1, len(lines) // 4)
-    early, late = lines[:k], lines[-k:]
-    parts = [key for key in lines[-1] if key.startswith("reward")]
-    trend = ", ".join(f"{key} {sum(m[key] for m in early) / k:.3f} -> {sum(m[key] for m in late) / k:.3f}"
-                      for key in parts)
+    keys = [key for key in lines[-1] if key.startswith(("reward", "val_reward"))]
+    rows = []
+    for key in keys:
+        series = [m.get(key, math.nan) for m in lines]
+        early, late = [x for x in series[:k] if x == x], [x for x in series[-k:] if x == x]
+        mean = (lambda xs: f"{sum(xs) / len(xs):.3f}" if xs else "  n/a")
+        rows.append(f"  {key:<18} {mean(early)} -> {mean(late)}  {training.text_chart(series)}")
     updated = sum(1 for m in lines if "loss" in m and m["nonfinite"] < t.num_iterations)
     note = ("" if updated else "\nno step had a group with unequal rewards, so none updated the model "
             "(a random model writes no <think>/<answer>: every sample scores 0)")
-    return (f"done: {t.steps} steps, {updated} of {len(lines)} logged steps updated the model; "
-            f"mean over the first and last {k} steps: {trend}; last peak memory "
-            f"{lines[-1]['peak_mem_gb']:.2f} GB{note}\n"
-            f"metrics: {out}/metrics.jsonl, checkpoints: {out}/checkpoints, export: {out}/export")
+    text = (f"done: {t.steps} steps, {updated} of {len(lines)} logged steps updated the model{note}\n"
+            f"mean of the first and last {k} logged steps, and the curve over all of them:\n" + "\n".join(rows))
+    samples = training.read_jsonl(os.path.join(out, "samples.jsonl"))
+    text += "\n" + training.side_by_side(samples, "reward")
+    return (text + f"\nlast peak memory {lines[-1]['peak_mem_gb']:.2f} GB\n"
+            f"metrics: {out}/metrics.jsonl, samples: {out}/samples.jsonl, checkpoints: {out}/checkpoints, "
+            f"export: {out}/export")
 
 
 def main(argv):
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
     path = argv[0] if argv and "=" not in argv[0] else None
     overrides = argv[1:] if path else argv
     try:

@@ -25,6 +25,9 @@ Beyond the paper (which says nothing about how rollouts are computed):
 """
 import importlib.util
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,10 +84,27 @@ def build_tokenizer(path):
 
 
 def build_tiny(path, kind, seed=0):
-    """Write a random tiny `kind` model (hidden 64, 2 layers, vision depth 2) and its tokenizer to `path`."""
-    from transformers import AutoConfig, GenerationConfig
+    """Write a random tiny `kind` model (hidden 64, 2 layers, vision depth 2) and its tokenizer to `path`.
+    They are written into a temporary folder beside `path`, renamed when complete: an interrupted build
+    leaves nothing that looks like a model, and of two builds at once the first to finish is kept."""
     if kind not in KINDS:
         raise ModelError(f"build_tiny: unknown kind {kind!r}; expected one of {KINDS}")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(path)) + ".tmp-", dir=parent)
+    try:
+        _write_tiny(tmp, kind, seed)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (Path(path) / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_tiny(path, kind, seed):
+    from transformers import AutoConfig, GenerationConfig
     tok = build_tokenizer(path)
     ids = {s: tok.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS}
     end, eot = ids["<|endoftext|>"], ids["<|im_end|>"]
@@ -109,38 +129,6 @@ def build_tiny(path, kind, seed=0):
     model = _model_class(kind)(config)
     model.generation_config = GenerationConfig(bos_token_id=end, eos_token_id=[eot, end], pad_token_id=end)
     model.save_pretrained(path)
-
-
-def build_demo(path, kind, records, instruction, data_cfg, steps, lr, seed=0):
-    """A tiny model that can already write the output format: build_tiny, then `steps` of
-    supervised training (teacher forcing, all records in one batch) on each record's
-    reference output (rewards.reference_output), saved back to `path`. The tiny-scale
-    stand-in for the paper's SFT stage before GRPO: a random model never writes <think> or
-    <answer>, so every sample would score 0 and GRPO would have no signal."""
-    import data
-    import rewards
-    from config import ModelConfig
-    from tqdm import tqdm
-    build_tiny(path, kind, seed)
-    tok = load_tokenizer(path)
-    hf, _ = load_model(path, ModelConfig(path=path, gradient_checkpointing=False), "cpu", train=True)
-    batch = data.collate([data.encode(r.video, instruction, tok, data_cfg, kind, hf.config.vision_config)
-                          for r in records], tok.pad_token_id)
-    targets = [tok(rewards.reference_output(r) + "<|im_end|>")["input_ids"] for r in records]
-    lengths = torch.tensor([len(t) for t in targets])                            # (N,)
-    ids = torch.full((len(targets), int(lengths.max())), tok.pad_token_id)       # (N, T)
-    for i, t in enumerate(targets):
-        ids[i, :len(t)] = torch.tensor(t)
-    policy, optimizer = Policy(hf), torch.optim.AdamW(hf.parameters(), lr=lr)
-    bar = tqdm(range(steps), desc="warm start")
-    for _ in bar:
-        logp, _ = policy(batch, ids, lengths, 1.0)                                # (N, T)
-        loss = -logp.sum() / lengths.sum()           # negative log-likelihood per target token
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(nll=f"{loss.item():.3f}")
-    hf.save_pretrained(path)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -173,6 +161,10 @@ def load_model(path, cfg, device, *, train):
     kind = json.loads((folder / "config.json").read_text()).get("model_type")
     if kind not in KINDS:
         raise ModelError(f"{path}/config.json has model_type={kind!r}; expected one of {KINDS}: {hint}")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ModelError(f"model folder {path} has a config.json but no weights (*.safetensors): an interrupted "
+                         "build or download? Delete the folder (model.build_tiny rebuilds the tiny model) or "
+                         "complete the download")
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelError("model.attn_implementation=flash_attention_2 but flash-attn is not installed: "
                          "pip install flash-attn, or set model.attn_implementation=sdpa")
@@ -189,12 +181,17 @@ def load_model(path, cfg, device, *, train):
 
 # ----------------------------------------------------------------------------- positions
 
-def video_positions(grid_thw, start, merge, time_step):
+def video_positions(grid_thw, start, merge, second_per_grid=None, tokens_per_second=1):
     """(3, t*h*w/merge^2) positions of one video's tokens: its (t, h, w) grid after the spatial merge, offset by
-    `start`. Frame index t is scaled by time_step (Qwen2.5-VL: tokens_per_second * second_per_grid_ts, floored
-    after the multiply; Qwen2-VL: 1)."""
+    `start`. Qwen2-VL (second_per_grid None): grid step i at i. Qwen2.5-VL: at int(i * second_per_grid *
+    tokens_per_second), multiplied in float32 and in that order, second_per_grid as float32 (as the processor
+    stores it), as Qwen's fine-tuning code (qwen-vl-finetune rope2d.py, get_rope_index_25), transformers
+    4.49-4.51 and vLLM compute it. In float64, 3 * 1.1666666 * 2 = 6.9999998 truncates to 6 where they get 7.
+    transformers 4.52-4.57 truncate second_per_grid to an integer first (1.1666666 -> 1): not followed here."""
     T, H, W = (int(x) for x in grid_thw)
-    t = (torch.arange(T, dtype=torch.float64) * time_step).long()                  # (T,)
+    t = torch.arange(T)                                                             # (T,)
+    if second_per_grid is not None:
+        t = (t.float() * torch.tensor(second_per_grid, dtype=torch.float32) * tokens_per_second).long()
     grid = torch.meshgrid(t, torch.arange(H // merge), torch.arange(W // merge), indexing="ij")
     return torch.stack(grid).reshape(3, -1) + start
 
@@ -223,9 +220,9 @@ def rope_positions(hf_model, batch, input_ids, attention_mask):
             if kind == 0:  # text
                 pieces.append(torch.arange(count).expand(3, -1) + start)
             else:          # video n (image tokens never occur here)
-                step = (config.vision_config.tokens_per_second * float(batch["second_per_grid_ts"][n])
-                        if config.model_type == "qwen2_5_vl" else 1.0)
-                pieces.append(video_positions(batch["video_grid_thw"][n], start, merge, step))
+                timing = ((float(batch["second_per_grid_ts"][n]), config.vision_config.tokens_per_second)
+                          if config.model_type == "qwen2_5_vl" else ())
+                pieces.append(video_positions(batch["video_grid_thw"][n], start, merge, *timing))
             start = int(pieces[-1].max()) + 1
         positions[:, n, keep] = torch.cat(pieces, dim=1)
     return positions.to(input_ids.device)
@@ -273,35 +270,139 @@ def selective_log_softmax(hidden, weight, targets, temperature, chunk_size=1024,
     return torch.cat(logps).view(targets.shape), torch.cat(entropies).view(targets.shape)
 
 
+@dataclass
+class PackedGroups:
+    """B groups, one row each: the group's prompt without its padding, then its completions one after another,
+    [prompt b, c_b0, c_b1, ...], right-padded to the longest row (S tokens)."""
+    input_ids: torch.Tensor   # (B, S); padding is token 0, an ordinary token (never a vision placeholder)
+    positions: torch.Tensor   # (3, B, S) M-RoPE positions; padding 0
+    segments: torch.Tensor    # (B, S) 0 for the prompt, g + 1 for completion g, -1 for padding
+    sources: torch.Tensor     # (tokens,) for each scored completion token, in completion_ids[valid] order, the
+                              # index in the flattened (B*S) rows of the state that predicts it
+
+
+def pack_groups(batch, positions, completion_ids, lengths, counts):
+    """Pack the B prompts of a collated batch (left-padded, M-RoPE `positions` (3, B, L) from rope_positions)
+    with their completions completion_ids (N, T), lengths (N,): prompt b owns the next counts[b] rows.
+    Completion tokens continue one past their prompt's largest position, as in the rollout (prefill), so every
+    token has the position it has in the per-row sequence. A completion's last token predicts nothing that is
+    scored, so it is not fed; the state that predicts a completion's first token is its prompt's last."""
+    device, lengths = completion_ids.device, lengths.tolist()
+    rows, row_positions, row_segments, sources = [], [], [], []                  # sources: (row, index) pairs
+    n = 0
+    for b, count in enumerate(counts):
+        keep = batch["attention_mask"][b].bool()                                  # (L,) drops the left padding
+        ids, pos = [batch["input_ids"][b, keep]], [positions[:, b, keep]]        # (L_b,), (3, L_b)
+        segments = [torch.zeros(len(ids[0]), dtype=torch.long, device=device)]
+        start, last = int(pos[0].max()) + 1, len(ids[0]) - 1    # next position; index of the prompt's last token
+        offset = len(ids[0])
+        for g in range(count):
+            fed = max(lengths[n] - 1, 0)
+            ids.append(completion_ids[n, :fed])
+            pos.append(torch.arange(start, start + fed, device=device).expand(3, -1))
+            segments.append(torch.full((fed,), g + 1, device=device))
+            if lengths[n]:
+                sources += [(b, last)] + [(b, offset + t) for t in range(fed)]
+            offset, n = offset + fed, n + 1
+        rows.append(torch.cat(ids))
+        row_positions.append(torch.cat(pos, 1))
+        row_segments.append(torch.cat(segments))
+    # S rounded up to a multiple of 16: CUDA's memory-efficient attention copies (pads) a mask whose rows are not
+    # 16-element aligned, in every layer
+    S = -(-max(len(r) for r in rows) // 16) * 16
+    pad = lambda x, value: F.pad(x, (0, S - x.shape[-1]), value=value)          # noqa: E731
+    return PackedGroups(torch.stack([pad(r, 0) for r in rows]),
+                        torch.stack([pad(p, 0) for p in row_positions], 1),
+                        torch.stack([pad(s, -1) for s in row_segments]),
+                        torch.tensor([b * S + i for b, i in sources], dtype=torch.long, device=device))
+
+
+def prefix_attention_mask(segments, implementation, dtype):
+    """(B, 1, S, S) additive attention mask of packed groups (segments (B, S), PackedGroups), 0 where a token may
+    attend and dtype's minimum elsewhere: a token sees the earlier tokens of its own segment and of the prompt
+    (segment 0), so each completion sees its prompt and itself only. A float mask rather than a bool one because
+    eager attention adds the mask (a bool would count as 0 and 1) and SDPA converts a bool mask to float in every
+    layer; one float mask is shared by all layers. flash_attention_2 takes no such mask."""
+    if implementation not in ("sdpa", "eager"):
+        raise ModelError(f"prefix-shared log-probs need model.attn_implementation=sdpa or eager, not "
+                         f"{implementation}: flash-attention takes no custom attention mask")
+    sees = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)   # (B, S query, S key)
+    sees = sees.tril()[:, None]                                                           # causal
+    return torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(~sees, torch.finfo(dtype).min)
+
+
 class Policy(nn.Module):
     """Wraps the HF model so that FSDP2's root unit covers the embedding, final norm and lm_head:
-    grpo.py calls fully_shard on each decoder layer and vision block, then on the Policy."""
+    grpo.py calls fully_shard on each decoder layer and vision block, then on the Policy. Every pass goes through
+    forward (FSDP2's hooks run on a module's forward only). freeze_vision=True takes the vision tower out of
+    training: its weights get no gradient and it runs without a graph in every pass."""
 
-    def __init__(self, hf_model):
+    def __init__(self, hf_model, freeze_vision=False):
         super().__init__()
         self.hf = hf_model
+        self.freeze_vision = freeze_vision
+        if freeze_vision:
+            hf_model.model.visual.requires_grad_(False)
 
-    def forward(self, batch, completion_ids, lengths, temperature):
-        """batch: collated prompts repeated to N rows; completion_ids (N, T), lengths (N,).
-        Returns logp (N, T) of each completion token under logits / temperature, and entropy (N, T), detached;
-        both 0 at t >= lengths[n]."""
+    def forward(self, batch, completion_ids, lengths, temperature, group_size=None):
+        """Log-probs of completion_ids (N, T) with lengths (N,) under logits / temperature, and the entropy, both
+        (N, T) float32, 0 at t >= lengths[n]; the entropy is detached.
+
+        group_size=None (per row): `batch` holds each row's prompt (data.repeat_batch), and row n runs as one
+        sequence [prompt, completion n], as the usual GRPO code does: the vision tower and the prompt run N times.
+        group_size=G, or a list of B counts (prefix-shared): `batch` holds B prompts, and the completion rows come
+        grouped by prompt (row b*G+g from prompt b). The vision tower and each prompt run once per group: each
+        group is one sequence [prompt, c_0, ..., c_G-1] (pack_groups) whose attention mask lets each completion
+        see its prompt and itself (prefix_attention_mask), so the prompt's states receive the sum of the G
+        completions' gradients. Log-probs and gradients equal the per-row path's to float rounding (tests).
+
+        PREFIX_MEASUREMENT"""
         N, T = completion_ids.shape
+        valid = torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]     # (N, T) from lengths
+        if group_size is None:
+            hidden = self._per_row_states(batch, completion_ids, valid)
+        else:
+            counts = [group_size] * batch["input_ids"].shape[0] if isinstance(group_size, int) else list(group_size)
+            if sum(counts) != N:
+                raise ValueError(f"group sizes {counts} do not add up to the {N} completion rows")
+            hidden = self._prefix_shared_states(batch, completion_ids, lengths, counts)
+        banned = torch.tensor(vision_token_ids(self.hf.config), device=completion_ids.device)
+        logp, entropy = selective_log_softmax(hidden, self.hf.lm_head.weight, completion_ids[valid],
+                                              temperature, banned=banned)             # (tokens,) completion only
+        zeros = torch.zeros(N, T, device=hidden.device)
+        return zeros.masked_scatter(valid, logp), zeros.masked_scatter(valid, entropy)
+
+    def _video_inputs(self, batch):
+        """The decoder call's video arguments: the pixels, or with a frozen tower its features, computed here
+        without a graph (transformers takes precomputed features as mm_encoder_outputs)."""
+        if not self.freeze_vision:
+            return {"pixel_values_videos": batch["pixel_values_videos"], "video_grid_thw": batch["video_grid_thw"]}
+        with torch.no_grad():
+            video = self.hf.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"],
+                                                     return_dict=True)
+        return {"mm_encoder_outputs": {"video": video}}
+
+    def _per_row_states(self, batch, completion_ids, valid):
+        """(tokens, H): the states that predict the completion tokens at `valid` (N, T), one sequence per row."""
         L = batch["input_ids"].shape[1]
-        Tk = int(lengths.max())                    # columns past the longest completion are all padding
-        valid = torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]    # (N, T) from lengths
+        Tk = int(valid.sum(1).max())               # columns past the longest completion are all padding
         ids, mask = completion_ids[:, :Tk], valid[:, :Tk]                             # (N, Tk)
         input_ids = torch.cat([batch["input_ids"], ids], 1)                           # (N, L+Tk)
         attention_mask = torch.cat([batch["attention_mask"], mask.to(batch["attention_mask"].dtype)], 1)
         hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=rope_positions(self.hf, batch, input_ids, attention_mask),
-                               pixel_values_videos=batch["pixel_values_videos"],
-                               video_grid_thw=batch["video_grid_thw"], use_cache=False).last_hidden_state
-        hidden = hidden[:, L - 1:L - 1 + Tk]    # (N, Tk, H): the state that predicts completion token t
-        banned = torch.tensor(vision_token_ids(self.hf.config), device=ids.device)
-        logp, entropy = selective_log_softmax(hidden[mask], self.hf.lm_head.weight, ids[mask],
-                                              temperature, banned=banned)             # (tokens,) completion only
-        zeros = torch.zeros(N, T, device=hidden.device)
-        return zeros.masked_scatter(valid, logp), zeros.masked_scatter(valid, entropy)
+                               **self._video_inputs(batch), use_cache=False).last_hidden_state
+        return hidden[:, L - 1:L - 1 + Tk][mask]   # (N, Tk, H) -> (tokens, H): the state before each token
+
+    def _prefix_shared_states(self, batch, completion_ids, lengths, counts):
+        """(tokens, H): the same states as _per_row_states, from one packed sequence per group."""
+        positions = rope_positions(self.hf, batch, batch["input_ids"], batch["attention_mask"])   # (3, B, L)
+        packed = pack_groups(batch, positions, completion_ids, lengths, counts)
+        mask = prefix_attention_mask(packed.segments, self.hf.config.text_config._attn_implementation,
+                                     self.hf.dtype)                                   # (B, 1, S, S)
+        hidden = self.hf.model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.positions,
+                               **self._video_inputs(batch), use_cache=False).last_hidden_state   # (B, S, H)
+        return hidden.flatten(0, 1)[packed.sources]
 
 
 # ----------------------------------------------------------------------------- group rollout

@@ -521,7 +521,98 @@ def _lexical_cn(fields):
                        "naturalness": round(top * len(set(words)) / len(words)) if words else 0})
 
 
-LEXICAL = {"extract_events": _lexical_events, "entail": _lexical_entail, "rate_cn": _lexical_cn}
+# The lexical judge's answer to data.py's "subjects" task: a word-list stand-in for an LLM, good enough for
+# the demo and the tests. Each
+# clause (split at punctuation and conjunctions) is read as [determiner] adjective* noun+ (preposition ...)*
+# verb ...: the nouns name a subject, the adjectives and prepositional phrases are its attributes, the verb
+# phrase its action ("is/are ..." an attribute). A clause that opens with a pronoun or a verb continues the
+# last subject. Verbs are recognised from a list of ~100 common ones and their inflections only.
+DETERMINERS = {"a", "an", "the", "this", "that", "these", "those", "some", "another", "each", "every", "his",
+               "her", "its", "their", "one", "two", "three", "four", "five", "several", "many"}
+PRONOUNS = {"it", "he", "she", "they", "him", "them"}
+PREPOSITIONS = {"in", "on", "at", "from", "to", "with", "near", "under", "over", "above", "below", "behind",
+                "beside", "along", "across", "into", "onto", "toward", "towards", "through", "around", "by", "of",
+                "inside", "outside", "between", "against", "past", "up", "down", "off", "out", "halfway"}
+ADJECTIVES = {"red", "orange", "yellow", "green", "blue", "purple", "violet", "pink", "magenta", "cyan", "white",
+              "black", "grey", "gray", "brown", "golden", "silver", "dark", "light", "bright", "pale", "small",
+              "large", "big", "tiny", "little", "huge", "tall", "short", "long", "wide", "narrow", "thin", "fat",
+              "young", "old", "elderly", "bald", "round", "striped", "wooden", "metal", "empty", "wet", "new"}
+VERBS = {"be", "is", "are", "was", "were", "has", "have", "move", "go", "come", "walk", "run", "jump", "sit",
+         "stand", "stay", "fall", "drop", "rise", "grow", "shrink", "turn", "appear", "disappear", "vanish",
+         "bounce", "roll", "slide", "fly", "swim", "meet", "pass", "cross", "hold", "pick", "put", "take", "give",
+         "open", "close", "look", "watch", "talk", "speak", "say", "smile", "laugh", "wave", "point", "push",
+         "pull", "throw", "catch", "hit", "kick", "eat", "drink", "play", "ride", "drive", "enter", "leave",
+         "climb", "dance", "sing", "write", "read", "cut", "pour", "shake", "spin", "rotate", "change", "become",
+         "fill", "reach", "follow", "chase", "approach", "stop", "start", "begin", "continue", "remain", "lie",
+         "wear", "carry", "use", "show", "float", "shine", "flash", "fade", "hang", "lean", "bend", "lift",
+         "raise", "lower", "place", "touch", "grab", "bark", "swing", "fit", "hop", "wag", "cook"}
+STATIVE = {"is", "are", "was", "were", "be", "remains", "remain", "seems", "seem"}
+CLAUSE_BREAK = re.compile(r"[,;:]|\b(?:and then|then|and|while|until|but|as|before|after|when|where|which|who)\b")
+
+
+def _is_verb(word):
+    stems = [word] + [word[:-len(s)] + e for s in ("s", "es", "d", "ed", "ing") if word.endswith(s) for e in ("", "e")]
+    return any(stem in VERBS for stem in stems) or (len(word) > 3 and word[-3:] == word[-4] + "ing")  # "running"
+
+
+def _clause(words):
+    """One clause's words -> (noun phrase, its adjectives, attributes, actions). The noun phrase is None when the
+    clause opens with a pronoun or a verb (it continues the last subject), "" when it has none ("in a room")."""
+    i = 0
+    if words and (words[0] in PRONOUNS or _is_verb(words[0])):
+        name, adjectives, rest = None, [], words[words[0] in PRONOUNS:]
+    else:
+        while i < len(words) and words[i] in DETERMINERS:
+            i += 1
+        adjectives = []
+        while i + 1 < len(words) and words[i] in ADJECTIVES:
+            adjectives.append(words[i])
+            i += 1
+        j = i
+        while j < len(words) and not (words[j] in PREPOSITIONS or _is_verb(words[j]) or words[j].endswith("ly")):
+            j += 1
+        name, rest = " ".join(words[i:j]), words[j:]
+    k = next((k for k, w in enumerate(rest) if _is_verb(w)), len(rest))
+    k -= k > 0 and rest[k - 1].endswith("ly")                           # "suddenly appears": the adverb acts
+    attributes, actions = [" ".join(rest[:k])] if k else [], []
+    if k < len(rest):
+        stative = rest[k] in STATIVE and not (k + 1 < len(rest) and rest[k + 1].endswith("ing"))
+        (attributes if stative else actions).append(" ".join(rest[k + stative:]))
+    return name, adjectives, adjectives + attributes, actions
+
+
+def _subject(subjects, name, adjectives):
+    """The subject a noun phrase names: the latest with its head noun whose adjectives do not differ, else a new
+    one (named "green circle" when a "circle" is already there)."""
+    head = name.split()[-1]
+    for s in reversed(subjects):
+        if s["name"].split()[-1] == head and (not adjectives or set(adjectives) & set(s["attributes"])):
+            return s
+    taken = any(s["name"].split()[-1] == head for s in subjects)
+    subjects.append({"name": f"{adjectives[0]} {name}" if taken else name, "attributes": [], "actions": []})
+    return subjects[-1]
+
+
+def lexical_subjects(fields):
+    """The lexical judge's reply: subjects read clause by clause (`_clause`; a new subject needs an adjective
+    or an action), events as rewards.py's lexical extract_events gives them (one per sentence)."""
+    subjects, last = [], None
+    for sentence in re.split(r"[.!?]", fields["caption"]):
+        for part in CLAUSE_BREAK.split(sentence):
+            name, adjectives, attributes, actions = _clause(re.findall(r"[a-z0-9'-]+", part.lower()))
+            if name and (adjectives or actions):
+                last = _subject(subjects, name, adjectives)
+            elif name is not None or last is None:  # no subject, or a pronoun with nothing before it
+                continue
+            for key, items in (("attributes", attributes), ("actions", actions)):
+                last[key] += [x for x in items if x and x not in last[key]]
+    events = json.loads(_lexical_events(fields))["events"]
+    return json.dumps({"subjects": subjects, "events": events})
+
+
+
+LEXICAL = {"extract_events": _lexical_events, "entail": _lexical_entail, "rate_cn": _lexical_cn,
+           "subjects": lexical_subjects}
 
 
 def _parse_events(reply):

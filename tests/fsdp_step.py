@@ -17,6 +17,7 @@ import config  # noqa: E402
 import data  # noqa: E402
 import grpo  # noqa: E402
 import model  # noqa: E402
+import training  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 
 G, T, VIDEOS = 4, 6, 2
@@ -27,13 +28,13 @@ def main(model_dir, out_path, agg, checkpointing):
                                     f"sampling.group_size={G}", f"sampling.max_new_tokens={T}",
                                     "train.micro_batch_size=3", "train.lr=0.1", f"train.loss_agg={agg}",
                                     "data.max_pixels=12544"])
-    rank, world, device, mesh = grpo.init_distributed()
+    rank, world, device, mesh = training.init_distributed()
     torch.manual_seed(0)
     tokenizer = model.load_tokenizer(model_dir)
     hf, kind = model.load_model(model_dir, cfg.model, "cpu", train=True)
-    policy = grpo.shard(model.Policy(hf), mesh, device, train=True)
+    policy = training.shard(model.Policy(hf), mesh, device, train=True)
     ref_hf, _ = model.load_model(model_dir, cfg.model, "cpu", train=False)
-    ref = grpo.shard(model.Policy(ref_hf), mesh, device, train=False)
+    ref = training.shard(model.Policy(ref_hf), mesh, device, train=False)
     # SGD: the parameters then show the gradient itself (Adam's first step is lr * sign(grad),
     # which turns float-rounding noise in near-zero gradients into full-size differences)
     optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.train.lr)
@@ -55,7 +56,7 @@ def main(model_dir, out_path, agg, checkpointing):
     keep = torch.ones(len(rows), dtype=torch.bool)
 
     chunks = grpo.micro_batches(keep, cfg.train.micro_batch_size)
-    n_seq, n_tok = grpo.reduce([len(rows), roll.lengths.sum().item()])
+    n_seq, n_tok = training.reduce([len(rows), roll.lengths.sum().item()])
     denom = n_tok if agg == "token-mean" else n_seq
     with torch.no_grad():
         ref_logps = [grpo.completion_logprobs(ref, batch, roll, r, 1.0)[0] for r, _ in chunks]

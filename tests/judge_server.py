@@ -7,6 +7,7 @@ judge tests and for benchmarks:
 In tests (tests/conftest.py has a fixture):
     server = JudgeServer(); server.start()          # on a free port of 127.0.0.1
     server.fail("500", "429")                       # the next two chat requests fail so
+    server.reply = fn                               # fn(prompt) -> reply text, for a test's own prompts
     ... server.requests, server.max_in_flight ...   # counters
     server.stop()
 
@@ -62,12 +63,12 @@ def answer_eval_prompt(prompt):
     return "OK"
 
 
-# ---- data.py's judge step (subjects, for `data.py prepare`): answered from data.TEMPLATES and data.LEXICAL
+# ---- data.py's judge step (subjects, for `data.py prepare`): answered from data.TEMPLATES and rewards.LEXICAL
 def answer_data_prompt(prompt):
     import data  # only here, like evaluate above
     for name, template in data.TEMPLATES.items():
         if prompt.startswith(template.split("\n", 1)[0]):
-            return data.LEXICAL[name](unrender(template, prompt))
+            return rewards.LEXICAL[name](unrender(template, prompt))
     return "OK"
 
 
@@ -78,6 +79,7 @@ class JudgeServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), _Handler)
         self.model, self.latency, self.models_endpoint = model, latency, models_endpoint
         self.stall, self.retry_after = 1.0, 0
+        self.reply = answer_prompt
         self.plan = deque()
         self.requests = self.in_flight = self.max_in_flight = 0
         self.seen = []  # (Authorization header, prompt) of every chat request
@@ -160,7 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, raw="<html>upstream error</html>")
         if mode == "stall":
             time.sleep(srv.stall)
-        content = answer_prompt(prompt)
+        content = srv.reply(prompt)
         if mode == "malformed":
             content = "Sure! Mostly entailment, I think."
         elif mode == "wrong_count":

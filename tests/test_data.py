@@ -60,14 +60,20 @@ def test_smart_resize_refuses_extreme_aspect():
 @pytest.mark.parametrize("total, fps, overrides, expected", [
     # 16 frames at 8 fps = 2 s; 2 s * 2 fps = 4.0; clamp to [4, floor_2(min(16, 16)) = 16] -> 4
     (16, 8.0, {}, 4),
-    # 2.5 s -> 5.0 -> round(5/2) = round(2.5) = 2 (Python rounds halves to even) -> 4
+    # 2.5 s -> 5.0 -> floored to a multiple of 2: 4
     (20, 8.0, {}, 4),
     # 3 s -> 6
     (24, 8.0, {}, 6),
-    # 3.5 s -> 7.0 -> round(3.5) = 4 -> 8
-    (28, 8.0, {}, 8),
-    # 3.25 s -> 6.5 -> round(3.25) = 3 -> 6
+    # 3.5 s -> 7.0 -> 6 (qwen-vl-utils 0.0.8 rounded: 8)
+    (28, 8.0, {}, 6),
+    # the same 3.5 s at 30 fps (105 frames) -> 7.0 -> 6
+    (105, 30.0, {}, 6),
+    # 3.25 s -> 6.5 -> 6; 3.75 s -> 7.5 -> 6; 4 s -> 8
     (26, 8.0, {}, 6),
+    (30, 8.0, {}, 6),
+    (32, 8.0, {}, 8),
+    # 9.33 s at 24 fps (224 frames) -> 18.7 -> clamped to max_frames 16
+    (224, 24.0, {}, 16),
     # 30 s at 30 fps -> 60 -> clamped to max_frames 16
     (900, 30.0, {}, 16),
     # 15 s at 1 fps -> 30, but only 15 frames exist: hi = floor_2(min(16, 15)) = 14
@@ -81,6 +87,31 @@ def test_smart_resize_refuses_extreme_aspect():
 ])
 def test_frame_count_by_hand(total, fps, overrides, expected):
     assert data.frame_count(total, fps, DataConfig(**overrides)) == expected
+
+
+def qwen_smart_nframes(total_frames, video_fps, fps, min_frames, max_frames):
+    """qwen-vl-utils' smart_nframes (0.0.9 to 0.0.14) with fps, min_frames and max_frames given, written out in its
+    order: min_frames rounded up and max_frames down to multiples of 2; duration * fps raised to the first, lowered
+    to the second and to total_frames; then floored to a multiple of 2. A count outside [2, total_frames] raises."""
+    low, high = 2 * math.ceil(min_frames / 2), 2 * math.floor(max_frames / 2)
+    n = min(min(max(total_frames / video_fps * fps, low), high), total_frames)
+    n = 2 * math.floor(n / 2)
+    if not 2 <= n <= total_frames:
+        raise ValueError(n)
+    return n
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(2, 20000), st.floats(1.0, 120.0), st.floats(0.05, 8.0), st.integers(1, 32), st.integers(1, 64))
+def test_frame_count_matches_qwen_vl_utils(total, video_fps, fps, min_frames, max_frames):
+    cfg = DataConfig(fps=fps, min_frames=min_frames, max_frames=max_frames)
+    try:
+        expected = qwen_smart_nframes(total, video_fps, fps, min_frames, max_frames)
+    except ValueError:
+        with pytest.raises(ValueError):
+            data.frame_count(total, video_fps, cfg)
+        return
+    assert data.frame_count(total, video_fps, cfg) == expected
 
 
 # ----------------------------------------------------------------------------- patches
@@ -151,9 +182,122 @@ def test_smart_resize_matches_hf(height, width, min_tokens, extra_tokens):
     assert data.smart_resize(height, width, 28, min_pixels, max_pixels) == expected
 
 
+@pytest.mark.parametrize("height, width, n_frames, overrides, expected", [
+    # defaults: the cap is max(min(602112, 90316800 / 16 * 2), int(3136 * 1.05)) = 602112, but the paper's
+    # max_pixels 100352 is lower and binds: 1080p -> (224, 420) as in test_smart_resize_by_hand
+    (1080, 1920, 16, {}, (224, 420)),
+    # max_pixels at Qwen's image limit 16384*28*28: the per-frame cap 768*28*28 = 602112 binds.
+    # beta = sqrt(1080*1920 / 602112) = 1.8558; 1080/1.8558 = 582.0 -> 560, 1920/1.8558 = 1034.6 -> 1008:
+    # 720 tokens per pair of frames, where the uncapped (1092, 1932) below gives 2691
+    (1080, 1920, 16, {"max_pixels": 16384 * 28 * 28}, (560, 1008)),
+    (1080, 1920, 16, {"max_pixels": 16384 * 28 * 28, "video_max_pixels": 10 ** 9}, (1092, 1932)),
+    # 600 frames share the clip's budget: 90316800 / 600 * 2 = 301056 (384*28*28) < 602112 binds.
+    # beta = sqrt(1080*1920 / 301056) = 2.6245; 1080/2.6245 = 411.5 -> 392, 1920/2.6245 = 731.6 -> 728
+    (1080, 1920, 600, {"max_pixels": 16384 * 28 * 28}, (392, 728)),
+    # a share of 6000 / 6 * 2 = 2000 is raised to int(3136 * 1.05) = 3292: beta = sqrt(64*96 / 3292) = 1.366;
+    # 64/1.366 = 46.9 -> 28, 96/1.366 = 70.3 -> 56
+    (64, 96, 6, {"total_pixels": 6000}, (28, 56)),
+    # video_max_pixels 4000: beta = sqrt(6144 / 4000) = 1.2394; 64/1.2394 = 51.6 -> 28, 96/1.2394 = 77.5 -> 56
+    (64, 96, 6, {"video_max_pixels": 4000}, (28, 56)),
+    # the cap is raised to int(1.05 * min_pixels) = 3292, the caller's max_pixels is not: 97x100 rounds to
+    # 84x112 > 3200, beta = sqrt(97*100 / 3200) = 1.741; 97/1.741 = 55.7 -> 28, 100/1.741 = 57.4 -> 56
+    # (with 3292: beta = 1.7165, 56.5 -> 56, 58.3 -> 56)
+    (97, 100, 6, {"max_pixels": 3200}, (28, 56)),
+])
+def test_frame_size_by_hand(height, width, n_frames, overrides, expected):
+    assert data.frame_size(height, width, n_frames, DataConfig(**overrides)) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(28, 4000), st.integers(28, 4000), st.integers(2, 768), st.integers(4, 256),
+       st.integers(0, 20000), st.integers(1, 2000), st.integers(1, 2000))
+def test_frame_size_matches_qwen_vl_utils(height, width, n_frames, min_tokens, extra_tokens, cap_tokens, budget):
+    """qwen-vl-utils' fetch_video (0.0.9 to 0.0.14) written out, with HF's smart_resize: max_pixels is the caller's
+    value lowered to max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))."""
+    if max(height, width) / min(height, width) > data.MAX_RATIO:
+        return
+    cfg = DataConfig(min_pixels=min_tokens * 784, max_pixels=(min_tokens + extra_tokens) * 784,
+                     video_max_pixels=cap_tokens * 784, total_pixels=budget * 784 * 100)
+    limit = max(min(cfg.video_max_pixels, cfg.total_pixels / n_frames * 2), int(cfg.min_pixels * 1.05))
+    expected = hf_qwen2_vl_function("smart_resize")(height, width, 28, cfg.min_pixels, min(cfg.max_pixels, limit))
+    assert data.frame_size(height, width, n_frames, cfg) == expected
+
+
 def test_clip_constants_match_transformers():
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     assert list(data.CLIP_MEAN) == list(OPENAI_CLIP_MEAN) and list(data.CLIP_STD) == list(OPENAI_CLIP_STD)
+
+
+# ----------------------------------------------------------------------------- resize
+
+def torchvision_resize(frames, height, width):
+    """torchvision's resize(BICUBIC, antialias=True) of a uint8 tensor, as qwen-vl-utils calls it, written out from
+    torchvision/transforms/_functional_tensor.py (resize, _cast_squeeze_in/_out): to float32, interpolate, clamp
+    to 0..255, round, back to uint8."""
+    x = torch.nn.functional.interpolate(frames.to(torch.float32), size=[height, width], mode="bicubic",
+                                        align_corners=False, antialias=True)
+    return torch.round(x.clamp(min=0, max=255)).to(torch.uint8)
+
+
+def cubic(x, a=-0.5):
+    """The bicubic kernel of antialiased resampling (PIL's and torch's, a = -0.5)."""
+    x = abs(x)
+    if x < 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    return a * (((x - 5) * x + 8) * x - 4) if x < 2 else 0.0
+
+
+def resample_matrix(n_in, n_out):
+    """(n_out, n_in) float64 weights of antialiased bicubic resampling, one output pixel at a time: centre
+    (i + 0.5) * scale in input coordinates; the kernel stretched by the scale when shrinking (support 2 * scale),
+    taps int(centre -/+ support + 0.5) cut at the borders, weights normalised to sum 1."""
+    scale = n_in / n_out
+    stretch = max(scale, 1.0)
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        centre = scale * (i + 0.5)
+        lo, hi = max(int(centre - 2 * stretch + 0.5), 0), min(int(centre + 2 * stretch + 0.5), n_in)
+        w = [cubic((j - centre + 0.5) / stretch) for j in range(lo, hi)]
+        m[i, lo:hi] = torch.tensor(w, dtype=torch.float64) / sum(w)
+    return m
+
+
+def test_resize_by_hand():
+    # 2x2 -> 4x4 (scale 1/2, no stretch). Output 0 sits at input 0.25 and takes inputs 0, 1 at distances 0.25,
+    # 1.25: cubic = 0.8671875, -0.0703125, normalised 1.0882, -0.0882. Output 1 sits at 0.75: distances 0.75,
+    # 0.25: 0.2265625, 0.8671875 -> 0.2071, 0.7929 (in the order input 1, input 0); outputs 2, 3 mirror 1, 0.
+    # Pixel (1, 0) of [[0, 255], [255, 0]] = 255 * (0.7929 * -0.0882 + 0.2071 * 1.0882) = 39.64 -> 40.
+    # Torch's uint8 kernel rounds and clamps between its passes: the row pass gives -22.5 -> 0 at (0, 0) and
+    # 255 at (1, 0), then 0.7929 * 0 + 0.2071 * 255 = 52.8 -> 53, 13 grey levels away.
+    checker = torch.tensor([[0, 255], [255, 0]], dtype=torch.uint8).expand(1, 3, 2, 2)
+    expected = [[0, 40, 215, 255], [40, 84, 171, 215], [215, 171, 84, 40], [255, 215, 40, 0]]
+    assert data.resize_frames(checker, 4, 4)[0, 0].tolist() == expected
+    # 1x4 -> 1x2 (scale 2, kernel stretched to support 4): output 0 sits at 1.0 and weighs inputs 0..3 at
+    # distances 0.25, 0.25, 0.75, 1.25: 0.8672, 0.8672, 0.2266, -0.0703 (sum 1.8906);
+    # 255 * (0.2266 - 0.0703) / 1.8906 = 21.07 -> 21, and by symmetry 233.93 -> 234
+    step = torch.tensor([0, 0, 255, 255], dtype=torch.uint8).expand(1, 3, 1, 4)
+    assert data.resize_frames(step, 1, 2)[0, 0].tolist() == [[21, 234]]
+    # the 2x2 image's row [0, 255] -> 4 wide overshoots to -22.5 and 277.5: clamped to 0 and 255
+    assert data.resize_frames(checker[..., :1, :], 1, 4)[0, 0].tolist() == [[0, 53, 202, 255]]
+
+
+@pytest.mark.parametrize("T, H, W, height, width", [(2, 64, 96, 56, 84), (1, 17, 23, 28, 56), (3, 100, 60, 28, 28),
+                                                      (1, 360, 640, 224, 420)])
+def test_resize_matches_torchvision_and_a_slow_reference(T, H, W, height, width):
+    frames = torch.randint(0, 256, (T, 3, H, W), dtype=torch.uint8, generator=torch.Generator().manual_seed(H))
+    ours = data.resize_frames(frames, height, width)
+    assert ours.dtype == torch.uint8 and torch.equal(ours, torchvision_resize(frames, height, width))
+    # float64 separable resampling: equal after rounding, except within float32 noise (< 0.01 here) of a .5 tie
+    slow = resample_matrix(H, height) @ frames.double() @ resample_matrix(W, width).T     # (T, 3, height, width)
+    slow = slow.clamp(0, 255)
+    near_tie = ((slow - slow.floor()) - 0.5).abs() < 0.01
+    assert (ours.double() - slow).abs().max() <= 0.5 + 0.01
+    assert torch.equal(ours.double()[~near_tie], slow.round()[~near_tie]) and near_tie.float().mean() < 0.05
+
+
+def test_resize_leaves_frames_at_the_size_alone():
+    frames = torch.randint(0, 256, (2, 3, 28, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert data.resize_frames(frames, 28, 56) is frames
 
 
 # ----------------------------------------------------------------------------- videos
@@ -182,6 +326,37 @@ def test_shipped_clip_reads_and_shows_its_colours(record):
     for colour in words & set(make_clips.COLOURS):
         distance = (video - torch.tensor(make_clips.COLOURS[colour]).float()).norm(dim=-1).min()
         assert distance < 60, f"{record.id}: no {colour} pixel"
+
+
+@pytest.mark.parametrize("record", SHIPPED, ids=[r.id for r in SHIPPED])
+def test_shipped_clip_follows_qwens_recipe(record, tiny_tokenizer):
+    """read_video and encode on a shipped clip against Qwen's recipe written out: qwen-vl-utils' frame count and
+    frame indices, the size, torchvision's resize; then HF's patchify of the CLIP-normalised frames."""
+    import decord
+    reader = decord.VideoReader(record.video)
+    total = len(reader)                              # 16, 20 or 24 frames at 8 fps: 2, 2.5 or 3 s
+    n = qwen_smart_nframes(total, 8.0, 2.0, 4, 16)   # 4, 5 -> 4, 6
+    assert n == {16: 4, 20: 4, 24: 6}[total]
+    raw = torch.from_numpy(reader.get_batch(torch.linspace(0, total - 1, n).round().long().tolist()).asnumpy())
+    raw = raw.permute(0, 3, 1, 2)                    # (n, 3, 64, W0)
+    # 64 -> round(64/28) * 28 = 56, 96 -> 84; 56*84 = 4704 is inside [3136, 100352]
+    height, width = {64: (56, 56), 96: (56, 84)}[raw.shape[3]]
+    expected = torchvision_resize(raw, height, width)
+    frames, fps = data.read_video(record.video, DataConfig())
+    assert torch.equal(frames, expected) and fps == n / total * 8.0
+    prompt = data.encode(record.video, "Describe.", tiny_tokenizer, DataConfig(), "qwen2_vl")
+    mean, std = torch.tensor(data.CLIP_MEAN) * 255, torch.tensor(data.CLIP_STD) * 255
+    normalised = (expected.float() - mean[:, None, None]) / std[:, None, None]   # HF's fused rescale + normalize
+    hf_pixels, t, h, w = hf_qwen2_vl_function("patchify")(None, normalised[None], patch_size=14, merge_size=2,
+                                                          temporal_patch_size=2)
+    assert prompt["video_grid_thw"].tolist() == [[t, h, w]] == [[n // 2, height // 14, width // 14]]
+    assert torch.equal(prompt["pixel_values_videos"], hf_pixels[0])
+
+
+def test_per_frame_cap_on_a_shipped_clip():
+    # red_and_blue_pass: 6 frames of 64x96; video_max_pixels 4000 -> (28, 56) as in test_frame_size_by_hand
+    frames, _ = data.read_video(str(CLIPS / "red_and_blue_pass.mp4"), DataConfig(video_max_pixels=4000))
+    assert frames.shape == (6, 3, 28, 56)
 
 
 def test_total_pixel_budget_caps_frame_size():

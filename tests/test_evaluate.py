@@ -57,6 +57,22 @@ def dream_tarsier(tmp_path):
         for k, (vid, subset, ref, events, _) in enumerate(DREAM)])
 
 
+def dream_official(tmp_path):
+    """DREAM as tarsier's data/annotations/DREAM-1k.jsonl lays it out (its keys and order, our content):
+    integer vid and idx, a placeholder video, the reference beside an empty assistant text."""
+    return write_jsonl(tmp_path / "DREAM-1k.jsonl", [
+        {"messages": [{"content": [{"reference": None, "text": None, "type": "video",
+                                    "video": {"video_file": "<placeholder>"}},
+                                   {"reference": None, "text": "Describe the video in detail.", "type": "text",
+                                    "video": None}], "role": "user"},
+                      {"content": [{"reference": ref, "text": "", "type": "text", "video": None}],
+                       "role": "assistant"}],
+         "dataset": f"DREAM/{subset}", "task": "video/caption", "idx": k + 1,
+         "extra_info": {"duration": 4.0, "events": events, "n_events": len(events), "n_shots": 1, "n_subjects": 1},
+         "vid": k + 1}
+        for k, (_, subset, ref, events, _) in enumerate(DREAM)])
+
+
 def dream_hf(tmp_path):
     return write_json(tmp_path / "metadata.json", [
         {"idx": k, "video_file": f"{vid}.mp4", "source": subset, "duration": 4.0, "description": ref,
@@ -123,13 +139,13 @@ class ScriptedJudge:
 
     def __init__(self, extract=(), entail=(), answer=(), grade=()):
         self.tables = {"extract_events": dict(extract), "extract_objects": dict(extract), "entail": dict(entail),
-                       "vdc_answer": dict(answer), "vdc_grade": dict(grade)}
+                       "entail_objects": dict(entail), "vdc_answer": dict(answer), "vdc_grade": dict(grade)}
         self.asked = []
 
     def ask(self, tasks):
         self.asked += tasks
         keys = {"extract_events": "caption", "extract_objects": "caption", "entail": "description",
-                "vdc_answer": "question", "vdc_grade": "prediction"}
+                "entail_objects": "description", "vdc_answer": "question", "vdc_grade": "prediction"}
         return [self.tables[t.name][t.fields[keys[t.name]]] for t in tasks]
 
 
@@ -148,7 +164,7 @@ def test_only_entailment_counts_and_failures_are_excluded():
     assert [t.fields["description"] for t in judge.asked if t.name == "entail"] == ["pred a", "pred b", "ref a"]
     table = evaluate.aggregate_pr(items, ["x", "y", None], scores)
     assert table["groups"]["g"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "videos": 1,
-                                    "caption_failed": 1, "judge_failed": 1}
+                                    "caption_failed": 1, "judge_failed": 1, "judge_failed_other": 0}
 
 
 def test_f1_comes_from_averaged_p_and_r_and_subsets_are_macro_averaged():
@@ -159,6 +175,69 @@ def test_f1_comes_from_averaged_p_and_r_and_subsets_are_macro_averaged():
     assert table["groups"]["a"]["f1"] == pytest.approx(0.5)   # P = R = .5; the per-video F1 mean is 1/6
     assert table["overall"]["precision"] == pytest.approx((0.5 + 0.2) / 2)  # not (1 + 0 + .5 + .2) / 4
     assert table["overall"]["f1"] == pytest.approx(2 * 0.35 * 0.55 / 0.9)
+
+
+def test_official_dream1k_with_integer_vids_loads_and_scores(tmp_path):
+    # tarsier's DREAM-1k.jsonl has "vid": 1, a JSON integer; predictions name the videos 1, "2", 3.0 and 4
+    annotations = dream_official(tmp_path)
+    items = evaluate.load_dream1k(annotations, "videos")
+    assert [(it.id, it.video) for it in items[:2]] == [("1", os.path.join("videos", "1.mp4")),
+                                                       ("2", os.path.join("videos", "2.mp4"))]
+    preds = predictions(tmp_path, [(1, "", DREAM[0][4]), ("2", "", DREAM[1][4]), (3.0, "", DREAM[2][4]), (4, "", None)])
+    results = evaluate.evaluate(cfg_for(tmp_path, "dream1k", annotations, preds))
+    check_pr(results["metrics"]["events"], DREAM_EXPECTED)
+    assert [r["id"] for r in results["per_item"]] == ["1", "2", "3", "4"]
+    assert results["videos"]["caption_failed"] == 1 and results["videos"]["missing"] == 0
+
+
+def test_ids_are_one_string_wherever_they_are_read(tmp_path):
+    assert [evaluate.video_id(v, "f:1") for v in (1, "1", 1.0, "v1", 2.5)] == ["1", "1", "1", "v1", "2.5"]
+    for bad in (True, None, [1], {"vid": 1}, float("nan")):
+        with pytest.raises(EvalError, match="f:1: a video id must be a string or a number"):
+            evaluate.video_id(bad, "f:1")
+    rows = [json.loads(line) for line in open(dream_official(tmp_path))]
+    rows[1]["vid"] = "1"  # 1 and "1" are the same video: a repeat
+    with pytest.raises(EvalError, match=r"again.jsonl:2: video '1' again \(first at .*again.jsonl:1\)"):
+        evaluate.load_items(load_config(None, ["eval.annotations=" + write_jsonl(tmp_path / "again.jsonl", rows)]))
+    rows[1]["vid"] = True
+    with pytest.raises(EvalError, match="bool.jsonl:2: 'vid': a video id must be a string or a number, got true"):
+        evaluate.load_dream1k(write_jsonl(tmp_path / "bool.jsonl", rows), "")
+    # predictions, and the resume that reads them: a later line for "1" replaces the line for 1
+    records = evaluate.read_predictions(predictions(tmp_path, [(1, "", "first"), ("1", "", "second")]))
+    assert list(records) == [("1", "")] and records["1", ""][1]["answer"] == "second"
+    with pytest.raises(EvalError, match=r"preds.jsonl:2: 'id': a video id must be .*, got null"):
+        evaluate.read_predictions(predictions(tmp_path, [("v1", "", "x"), (None, "", "y")]))
+
+
+def test_quotes_become_apostrophes_before_extraction():
+    # tarsier (evaluate_dream_gpt.py, extract_events) and CaReBench extract from caption.lower().replace('"', "'");
+    # their entailment prompts get the lowercased texts with the quotes kept
+    items = [Item("q", "q.mp4", "g", "p", reference='A man shouts "Stop".', events=None)]
+    judge = ScriptedJudge(extract={"a man shouts 'stop'.": ["a man shouts"], "a sign reads 'exit'.": ["a sign reads"]},
+                          entail={'a sign reads "exit".': ["neutral"], 'a man shouts "stop".': ["entailment"]})
+    assert evaluate.score_pr(items, ['A sign reads "EXIT".'], "events", judge) == [{"precision": 1.0, "recall": 0.0}]
+    assert [t.fields["caption"] for t in judge.asked if t.name == "extract_events"] == \
+        ["a man shouts 'stop'.", "a sign reads 'exit'."]
+
+
+def test_a_malformed_reply_is_asked_ten_times_in_all_as_officially(tmp_path, judge_server, judge_cfg):
+    # tarsier and CaReBench ask `while retry < max_retry` with max_retry=10: ten tries in all, then the video
+    # is invalid. eval.malformed_retries=9 re-asks does the same; training's judge.malformed_retries (2 in
+    # judge_cfg) is not used. One video (vid 3), one thread: its first request is the prediction's extraction.
+    one = write_jsonl(tmp_path / "one.jsonl", [json.loads(open(dream_official(tmp_path)).readlines()[2])])
+    fields = {f.name: getattr(judge_cfg, f.name) for f in dataclasses.fields(judge_cfg)}
+    preds = predictions(tmp_path, [(3, "", DREAM[2][4])])
+    cfg = cfg_for(tmp_path, "dream1k", one, preds, **{**fields, "concurrency": 1})
+    assert (cfg.eval.malformed_retries, cfg.judge.malformed_retries) == (9, 2)
+    judge_server.fail(*["malformed"] * 9)
+    results = evaluate.evaluate(cfg)
+    check_pr(results["metrics"]["events"], {"overall": (1.0, 1.0, 1.0)})  # the tenth try answered
+    assert results["judge"]["stats"]["malformed"] == 9 and judge_server.requests == 10 + 2
+    judge_server.fail(*["malformed"] * 10)
+    results = evaluate.evaluate(cfg)
+    overall = results["metrics"]["events"]["overall"]
+    assert (overall["videos"], overall["judge_failed"], results["judge"]["stats"]["failures"]) == (0, 1, 1)
+    assert judge_server.requests == 12 + 10 + 1  # recall's entailment was still asked, precision's not
 
 
 # ----------------------------------------------------------------------------- CaReBench
@@ -184,6 +263,63 @@ def test_carebench_actions_and_objects_hand_computed(tmp_path):
     assert results["judge"]["stats"]["tasks"] == 2 * (3 + 4)
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| action |" in md and "| object |" in md and "+6.9 object F1" in md
+
+
+def test_carebench_leaves_a_video_out_of_both_scores_when_either_judgement_failed():
+    # CaReBench's process_one_sample: any failed judgement (here c2's object extraction) makes the whole
+    # video invalid, and the summary averages the valid videos for actions and objects alike.
+    # c1: actions R = 1/2, P = 1; objects R = 1, P = 1/2. c2 (left out): actions R = P = 0.
+    # So actions P = 1, R = .5 (counting c2 would give P = .5, R = .25); objects P = .5, R = 1.
+    items = [Item("c1", "", "overall", "", reference="ref 1", events=["e1", "e2"], objects=["o1"]),
+             Item("c2", "", "overall", "", reference="ref 2", events=["e3"], objects=["o2"])]
+    judge = ScriptedJudge(entail={"pred 1": ["entailment", "neutral"], "ref 1": ["entailment"],
+                                  "pred 2": ["neutral"], "ref 2": ["contradiction"]})
+    judge.tables["extract_events"] = {"pred 1": ["p1"], "pred 2": ["p2"]}
+    judge.tables["extract_objects"] = {"pred 1": ["q1", "q2"], "pred 2": None}
+    judge.tables["entail_objects"] = {"pred 1": ["entailment"], "ref 1": ["entailment", "neutral"],
+                                      "pred 2": ["entailment"]}
+    answers = ["pred 1", "pred 2"]
+    metrics = evaluate.aggregate("carebench", items, answers, evaluate.score_chunk("carebench", items, answers, judge))
+    check_pr(metrics["action"], {"overall": (1.0, 0.5, 2 / 3)})
+    check_pr(metrics["object"], {"overall": (0.5, 1.0, 2 / 3)})
+    counts = [(metrics[k]["overall"]["judge_failed"], metrics[k]["overall"]["judge_failed_other"]) for k in metrics]
+    assert counts == [(1, 1), (1, 0)]  # action lost c2 through the object score
+    assert "| 1 | 0 | 1 (1 for the other score) |" in "\n".join(evaluate._pr_table("action", metrics["action"]))
+
+
+def test_objects_have_their_own_entailment_prompt_and_reply_key(tmp_path, judge_server, judge_cfg):
+    # CaReBench's object entailment asks for {"objects": [{"object", "relationship", "reason"}]} and reads
+    # the key "objects"; an "events" reply to it is malformed there and here
+    assert evaluate._parse_judged('{"objects": [{"object": "there is a ball", "relationship": "Entailment"}]}',
+                                  1, "objects") == ["entailment"]
+    with pytest.raises(ValueError, match='expected {"objects"'):
+        evaluate._parse_judged('{"events": [{"event": "there is a ball", "relationship": "entailment"}]}', 1, "objects")
+    # a replacement prompt (our words) asking for that shape; the server answers it in that shape
+    (tmp_path / "objects.txt").write_text(
+        "OBJECT CHECK. For every object statement below, say whether the video description entails it, "
+        "contradicts it, or neither.\nVideo description:\n{description}\n\nObject statements: {objects}\n"
+        'Reply with JSON only: {"objects": [{"object": "<statement>", "relationship": "<label>", "reason": "<why>"}]}')
+
+    def reply(prompt, lexical=judge_server.reply):
+        if not prompt.startswith("OBJECT CHECK."):
+            return lexical(prompt)
+        description, _, rest = prompt.partition("Video description:\n")[2].partition("\n\nObject statements: ")
+        answer = evaluate.LEXICAL["entail_objects"]({"description": description, "objects": rest.split("\nReply")[0]})
+        assert list(json.loads(answer)) == ["objects"]
+        return answer
+    judge_server.reply = reply
+    fields = {f.name: getattr(judge_cfg, f.name) for f in dataclasses.fields(judge_cfg)}
+    preds = predictions(tmp_path, [("c1", "", "A boy kicks a red ball."), ("c2", "", "A girl sleeps.")])
+    cfg = cfg_for(tmp_path, "carebench", carebench(tmp_path), preds, **fields)
+    prompts = {"entail_objects": str(tmp_path / "objects.txt")}
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, prompts=prompts))
+    results = evaluate.evaluate(cfg)
+    check_pr(results["metrics"]["object"], {"overall": (0.5, 0.5, 0.5)})  # as hand-computed above
+    check_pr(results["metrics"]["action"], {"overall": (1.0, 0.5, 2 / 3)})
+    assert sum(p.startswith("OBJECT CHECK.") for _, p in judge_server.seen) == 4
+    (tmp_path / "bad.txt").write_text("{description} {events}")
+    with pytest.raises(EvalError, match=r"exactly the fields \['description', 'objects'\]"):
+        evaluate.check_prompts({"entail_objects": str(tmp_path / "bad.txt")})
 
 
 # ----------------------------------------------------------------------------- VDC
@@ -307,6 +443,106 @@ def test_a_prompt_file_replaces_the_builtin_wording(tmp_path, judge_server, judg
     evaluate.evaluate(cfg)
     asked = [p for _, p in judge_server.seen if "OFFICIAL WORDING" in p]
     assert len(asked) == 4 and "detailed description: The camera pans left., question: How does" in "".join(asked)
+
+
+# ----------------------------------------------------------------------------- official prediction formats
+
+
+def tarsier_predictions(tmp_path, annotations, answers, other=()):
+    """tarsier's inference output (tasks/inference_benchmark.py): each annotation line with the caption as
+    the assistant's last text (put_pred_to_data_dict), "<error>" where it could not caption."""
+    rows = [json.loads(line) for line in open(annotations)]
+    for row, answer in zip(rows, answers):
+        row["messages"][-1]["content"][-1]["text"] = "<error>" if answer is None else answer
+    return write_jsonl(tmp_path / "tarsier.jsonl", rows + list(other))
+
+
+CAREBENCH_CAPTIONS = {  # CaReBench's description.json (tasks/captioning.py): metadata.json index -> pred, gt, ...
+    "0": {"pred": "A boy kicks a red ball.", "gt": "A boy kicks a ball. The ball is red.",
+          "events": ["a boy kicks a ball"], "objects": ["there is a red ball"]},
+    "1": {"pred": "A girl sleeps.", "gt": "A girl reads a book.", "events": None, "objects": None}}
+
+
+def test_official_prediction_files_are_read(tmp_path):
+    annotations = dream_official(tmp_path)
+    other = {"messages": [], "dataset": "MVBench/action_sequence", "idx": 1, "vid": "x"}  # skipped and counted
+    preds = tarsier_predictions(tmp_path, annotations, [d[4] for d in DREAM], [other])
+    results = evaluate.evaluate(cfg_for(tmp_path, "dream1k", annotations, preds))
+    check_pr(results["metrics"]["events"], DREAM_EXPECTED)
+    assert results["videos"]["caption_failed"] == 1  # "<error>"
+    cfg = cfg_for(tmp_path, "dream1k", annotations, preds)
+    with pytest.raises(EvalError, match="holds tarsier's captions: score them with eval.score_only=true"):
+        evaluate.evaluate(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, score_only=False)))
+    care = write_json(tmp_path / "description.json", CAREBENCH_CAPTIONS)
+    results = evaluate.evaluate(cfg_for(tmp_path, "carebench", carebench(tmp_path), care))
+    check_pr(results["metrics"]["action"], {"overall": (1.0, 0.5, 2 / 3)})  # as test_carebench_..._hand_computed
+    check_pr(results["metrics"]["object"], {"overall": (0.5, 0.5, 0.5)})
+
+
+def test_malformed_official_prediction_files_cite_file_and_line(tmp_path):
+    annotations = dream_official(tmp_path)
+    rows = [json.loads(line) for line in open(tarsier_predictions(tmp_path, annotations, [d[4] for d in DREAM]))]
+    rows[1]["messages"][1]["content"][0]["reference"] = None
+    with pytest.raises(EvalError, match=r"t.jsonl:2: no assistant content with a 'reference'"):
+        evaluate.read_predictions(write_jsonl(tmp_path / "t.jsonl", rows))
+    del rows[2]["vid"]
+    rows[1] = rows[0]
+    with pytest.raises(EvalError, match=r"t.jsonl:3: the record has no 'vid'"):
+        evaluate.read_predictions(write_jsonl(tmp_path / "t.jsonl", rows))
+    items = evaluate.load_carebench(carebench(tmp_path), "")
+    for key, change, why in [("7", {}, r"key 7: expected the index of a record of the annotations \(0 to 1\)"),
+                             ("1", {"gt": "Other."}, r"key 1: 'gt' is not the caption of .*metadata.json:index 1"),
+                             ("1", {"pred": None}, r"key 1: 'pred' must be str")]:
+        care = write_json(tmp_path / "d.json", {**CAREBENCH_CAPTIONS, key: {**CAREBENCH_CAPTIONS["1"], **change}})
+        with pytest.raises(EvalError, match=r"d.json:" + why):
+            evaluate.read_predictions(care, items=items)
+
+
+def test_export_writes_what_the_official_scripts_read(tmp_path, capsys):
+    out = tmp_path / "out"
+    annotations = dream_official(tmp_path)
+    preds = predictions(tmp_path, [(k + 1, "", d[4]) for k, d in enumerate(DREAM)])
+    evaluate.main(["--export", "tarsier", f"eval.annotations={annotations}", f"eval.predictions={preds}",
+                   f"eval.out_dir={out}"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["--export tarsier: 3 captions written, 1 failed or missing left out",
+                       str(out / "tarsier_predictions.jsonl")]
+    expected = [json.loads(line) for line in open(annotations)][:3]  # v4's caption failed: left out
+    for row, d in zip(expected, DREAM):
+        row["messages"][1]["content"][0]["text"] = d[4]  # where tarsier's evaluation reads the caption
+    assert read_records(out / "tarsier_predictions.jsonl") == expected
+    results = evaluate.evaluate(cfg_for(tmp_path, "dream1k", annotations, str(out / "tarsier_predictions.jsonl")))
+    check_pr(results["metrics"]["events"], DREAM_EXPECTED)
+    # from the HF layout, the tarsier record is built from its fields
+    evaluate.main(["--export=tarsier", f"eval.annotations={dream_hf(tmp_path)}", "eval.video_dir=videos",
+                   f"eval.predictions={predictions(tmp_path, [(vid, '', pred) for vid, *_, pred in DREAM])}",
+                   f"eval.out_dir={out}"])
+    assert read_records(out / "tarsier_predictions.jsonl")[0] == {
+        "messages": [{"role": "user", "content": [{"type": "video", "video": {"video_file": "videos/v1.mp4"}},
+                                                  {"type": "text", "text": "Describe the video in detail."}]},
+                     {"role": "assistant",
+                      "content": [{"type": "text", "text": DREAM[0][4], "reference": DREAM[0][2]}]}],
+        "dataset": "DREAM/movie_animation", "task": "video/caption", "idx": 0, "vid": "v1",
+        "extra_info": {"events": DREAM[0][3], "duration": 4.0, "n_subjects": 1, "n_shots": 1, "n_events": 2}}
+    preds = predictions(tmp_path, [(f"c{k + 1}", "", CAREBENCH_CAPTIONS[str(k)]["pred"]) for k in range(2)])
+    evaluate.main(["--export", "carebench", "eval.benchmark=carebench", f"eval.annotations={carebench(tmp_path)}",
+                   f"eval.predictions={preds}", f"eval.out_dir={out}"])
+    assert capsys.readouterr().out.splitlines()[-1] == str(out / "description.json")
+    assert json.load(open(out / "description.json")) == CAREBENCH_CAPTIONS
+
+
+def test_command_line_flags(capsys):
+    with pytest.raises(SystemExit) as done:
+        evaluate.main(["--help"])
+    assert done.value.code == 0 and "--export tarsier|carebench" in capsys.readouterr().out
+    for argv, why in [(["config.yaml", "--expotr", "tarsier"], "unknown flag --expotr"),
+                      (["--export", "vdc"], "--export takes tarsier or carebench, got 'vdc'")]:
+        with pytest.raises(SystemExit) as done:
+            evaluate.main(argv)
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and why in err and err.count("\n") == 1
+    with pytest.raises(SystemExit, match="--export carebench writes carebench captions, but eval.benchmark=dream1k"):
+        evaluate.main(["--export", "carebench"])
 
 
 def test_answer_text_and_instruction():

@@ -20,7 +20,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def demo_cfg(model_dir, out_dir, *overrides):
-    return config.load_config(DEMO, [f"model.path={model_dir}", f"train.out_dir={out_dir}",
+    return config.load_config(DEMO, [f"model.path={model_dir}", f"train.out_dir={out_dir}", "train.warm_start=false",
                                      f"data.train={ROOT}/tests/data/train.jsonl",
                                      f"data.prompt_file={ROOT}/prompts/think.txt", *overrides])
 
@@ -127,7 +127,8 @@ def run_grpo(args, nproc=1, timeout=300):
 def test_demo_end_to_end(tiny_model_dir, tmp_path, nproc):
     path = tiny_model_dir("qwen2_vl")
     proc = run_grpo(["demo.yaml", f"model.path={path}", f"train.out_dir={tmp_path}", "train.steps=3",
-                     "train.checkpoint_every=2", "train.prompts_per_rank=1", "sampling.max_new_tokens=32"], nproc)
+                     "train.checkpoint_every=2", "train.prompts_per_rank=1", "sampling.max_new_tokens=32",
+                     f"sft.out_dir={tmp_path}/sft", "sft.steps=2"], nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: 3 steps" in proc.stdout
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
@@ -136,8 +137,9 @@ def test_demo_end_to_end(tiny_model_dir, tmp_path, nproc):
                 "truncated", "time_rollout", "time_reward", "rollout_tok_s", "peak_mem_gb"):
         assert key in lines[-1], key
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-000002", "step-000003"]
+    assert "done: 2 SFT steps" in proc.stdout  # the warm start ran first, and GRPO started from its export
     saved = config.load_config(tmp_path / "config.yaml")
-    assert saved.train.steps == 3 and saved.model.path == path
+    assert saved.train.steps == 3 and saved.model.path == f"{tmp_path}/sft/export"
     hf, kind = model.load_model(str(tmp_path / "export"), saved.model, "cpu", train=False)
     assert kind == "qwen2_vl" and model.load_tokenizer(str(tmp_path / "export")).pad_token_id is not None
 
@@ -145,6 +147,7 @@ def test_demo_end_to_end(tiny_model_dir, tmp_path, nproc):
 def test_sigterm_writes_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_path):
     path = tiny_model_dir("qwen2_vl")
     args = ["demo.yaml", f"model.path={path}", f"train.out_dir={tmp_path}", "train.checkpoint_every=0",
+            "train.warm_start=false",
             "train.export=false", "sampling.max_new_tokens=32"]
     proc = subprocess.Popen([sys.executable, "grpo.py", *args, "train.steps=10000"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from grpo import LOSS_AGGS, group_advantages, kl_k3, length_mask, lr_factor, policy_loss
+from grpo import LOSS_AGGS, group_advantages, kl_k3, length_mask, policy_loss
+from training import lr_factor
 from config import Config
 
 
@@ -128,8 +129,8 @@ def test_length_mask_comes_from_lengths_not_token_ids():
 def test_lr_schedule():
     cfg = Config()
     cfg.train.steps, cfg.train.warmup_steps = 10, 2
-    assert [lr_factor(s, cfg) for s in (0, 1, 5)] == [0.5, 1.0, 1.0]
+    assert [lr_factor(s, cfg.train) for s in (0, 1, 5)] == [0.5, 1.0, 1.0]
     cfg.train.lr_schedule = "cosine"
-    assert lr_factor(2, cfg) == pytest.approx(1.0) and lr_factor(10, cfg) == pytest.approx(0.1)
+    assert lr_factor(2, cfg.train) == pytest.approx(1.0) and lr_factor(10, cfg.train) == pytest.approx(0.1)
     cfg.train.lr_schedule = "linear"
-    assert lr_factor(6, cfg) == pytest.approx(0.55)
+    assert lr_factor(6, cfg.train) == pytest.approx(0.55)

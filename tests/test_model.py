@@ -133,6 +133,9 @@ def test_load_errors(tmp_path, tiny_model_dir):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(M.ModelError, match="model_type='llama'.*qwen2_vl"):
         M.load_model(str(tmp_path), ModelConfig(), "cpu", train=False)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))  # an interrupted download
+    with pytest.raises(M.ModelError, match="has a config.json but no weights"):
+        M.load_model(str(tmp_path), ModelConfig(), "cpu", train=False)
     path = tiny_model_dir("qwen2_vl")
     with pytest.raises(M.ModelError, match="model.dtype='fp8'"):
         M.load_model(path, ModelConfig(dtype="fp8"), "cpu", train=False)
@@ -341,3 +344,47 @@ def test_rope_positions_follow_qwens_published_rule(tiny_model_dir, kind, T, ste
                                         attention_mask=batch["attention_mask"], **extra)
     assert torch.equal(hf_pos[:, 0, :-2], pos[:, :-2])       # the same up to the text after the video
     assert hf_pos[0, 0, -2].item() == 3 + 2                   # transformers: 3 + max(h, w) / merge
+
+
+@pytest.mark.parametrize("total, T, expected_t, after", [
+    # 9.33 s at 24 fps (224 frames) at 2 fps: 18.7 frames, capped at 16 (grid t = 8). Float32, as Qwen's
+    # get_rope_index_25 and vLLM compute it: 3 * 1.1666666 = 3.4999999 rounds to 3.5 (a tie, to even), * 2 = 7;
+    # likewise 6 * 1.1666666 -> 7.0, * 2 = 14. Float64 gives 6.9999998 -> 6 and 13.9999995 -> 13.
+    (224, 16, [0, 2, 4, 7, 9, 11, 14, 16], 20),
+    # 4.67 s (112 frames): 9.3 -> 8 frames (grid t = 4), the same 1.714 fps: the last frames are at 3 + 7, so the
+    # text after the video starts at 11 (float64: 3 + 6 + 1 = 10)
+    (112, 8, [0, 2, 4, 7], 11),
+])
+def test_qwen2_5_vl_time_is_float32(tiny_model_dir, total, T, expected_t, after):
+    assert data.frame_count(total, 24.0, DataConfig()) == T
+    spg = torch.tensor(2 / (T / total * 24.0), dtype=torch.float32).item()   # as data.encode and HF's processor
+    assert f"{spg:.9f}" == "1.166666627"
+    # the rule as Qwen's fine-tuning code (qwen-vl-finetune rope2d.py) and vLLM write it: an int64 grid index
+    # times a Python float times tokens_per_second (2), which torch computes in float32, then truncated
+    reference = (torch.arange(T // 2).view(-1, 1) * spg * 2).long().flatten().tolist()
+    assert reference == expected_t
+    assert [int(i * spg * 2) for i in range(T // 2)] != expected_t              # float64 is off by one
+    hf, _ = M.load_model(tiny_model_dir("qwen2_5_vl"), ModelConfig(path=tiny_model_dir("qwen2_5_vl")), "cpu",
+                         train=False)
+    assert hf.config.vision_config.tokens_per_second == 2
+    batch = _rope_batch(T // 2, 4, 4, spg)          # 3 text tokens, the video (4x4 patches: 2x2 tokens), 2 text
+    pos = M.rope_positions(hf, batch, batch["input_ids"], batch["attention_mask"])[:, 0]   # (3, S)
+    assert pos[0, 3:-2].tolist() == [3 + t for t in expected_t for _ in range(4)]
+    assert pos[:, -2:].tolist() == [[after, after + 1]] * 3
+    # transformers 5.24 computes t * (2 * 1.1666666) in float32: the same for a power-of-2 tokens_per_second
+    hf_pos, _ = hf.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                        video_grid_thw=batch["video_grid_thw"], attention_mask=batch["attention_mask"],
+                                        second_per_grid_ts=batch["second_per_grid_ts"])
+    assert torch.equal(hf_pos[:, 0, :-2], pos[:, :-2])
+
+
+def test_qwen2_5_vl_positions_of_the_shipped_clips(frozen):
+    """make_batch's clips at 1 fps: 4 frames each (grid t = 2) of 20, 24 and 16 frames at 8 fps, so 1.6, 1.333 and
+    2 fps sampled and 1.25, 1.5 and 1.0 s per grid step: the second step at int(1 * 1.25 * 2) = 2, 3 and 2."""
+    hf, _, batch = frozen("qwen2_5_vl")
+    assert batch["second_per_grid_ts"].tolist() == [1.25, 1.5, 1.0]
+    pos = M.rope_positions(hf, batch, batch["input_ids"], batch["attention_mask"])          # (3, N, L)
+    for n, second in enumerate([2, 3, 2]):
+        video = batch["mm_token_type_ids"][n] == data.VIDEO_TYPE
+        start = int(pos[0, n, video][0])
+        assert pos[0, n, video].tolist() == [start] * 16 + [start + second] * 16     # 4x4 tokens per grid step

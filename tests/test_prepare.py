@@ -39,7 +39,7 @@ def lines(path):
 
 
 def lexical(caption):
-    return json.loads(data._lexical_subjects({"caption": caption}))
+    return json.loads(rewards.lexical_subjects({"caption": caption}))
 
 
 # ----------------------------------------------------------------------------- prepare

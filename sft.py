@@ -1,0 +1,246 @@
+"""Supervised fine-tuning of Qwen2-VL / Qwen2.5-VL on the training records: the paper's SFT baseline
+(its Table 2) or a structured cold start before GRPO.
+
+    python sft.py demo.yaml                                          # one process (CPU or one GPU)
+    torchrun --nproc_per_node 8 sft.py config.yaml [key=value ...]
+    torchrun --nproc_per_node 8 grpo.py config.yaml model.path=runs/sft/export    # GRPO from its export
+
+Every step, each rank takes its sft.prompts_per_rank videos; the prompt is the video and an instruction,
+the target is what the model should answer:
+  sft.target=think    <think>{"subjects": [...]}</think><answer>caption</answer> from the record's subjects
+                      and caption (rewards.reference_output), prompted with data.prompt_file as GRPO is:
+                      a cold start in the format GRPO rewards
+  sft.target=caption  the caption alone, prompted with data.CAPTION_PROMPT ("Describe the video in
+                      detail."): the paper's SFT baseline (evaluate it with eval.think=false)
+The loss is the negative log-likelihood of the target tokens (the closing <|im_end|> included, the prompt
+excluded), averaged over every target token of the global batch, so that it does not depend on how the
+batch is split into ranks and micro-batches. Gradients accumulate over a step's micro-batches
+(sft.micro_batch_size videos each), then AdamW steps. Checkpoints, exact resume, SIGTERM, metrics and the
+HF export (sft.out_dir/export, the model folder to give grpo.py or evaluate.py) are training.py's, as in
+grpo.py. With sft.eval_every and data.val, the held-out loss is logged as val_loss.
+
+The paper gives no SFT settings; config.yaml's sft: section holds ours (lr 1e-5, one epoch).
+"""
+import dataclasses
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import config as config_lib
+import data
+import model as model_lib
+import rewards
+import training
+from training import print0, reduce
+
+TARGETS = ("think", "caption")
+
+
+def target_text(record, target):
+    """What the model learns to write for `record`: the think and answer blocks, or the caption."""
+    return rewards.reference_output(record) if target == "think" else record.caption
+
+
+def target_batch(records, tokenizer, target):
+    """The targets of `records` as completions: ids (n, T) right-padded with <|endoftext|>, lengths (n,), each
+    target followed by <|im_end|>, the end token the model must learn to write."""
+    targets = [tokenizer(target_text(r, target) + "<|im_end|>", add_special_tokens=False)["input_ids"]
+               for r in records]
+    lengths = torch.tensor([len(t) for t in targets])                                  # (n,)
+    ids = torch.full((len(targets), int(lengths.max())), tokenizer.pad_token_id)       # (n, T)
+    for i, t in enumerate(targets):
+        ids[i, :len(t)] = torch.tensor(t)
+    return ids, lengths
+
+
+def micro_batches(items, size, tokenizer, target):
+    """(record, prompt) pairs -> [(items, target ids, target lengths)] of `size` videos each."""
+    chunks = [items[k:k + size] for k in range(0, len(items), size)]
+    return [(chunk, *target_batch([r for r, _ in chunk], tokenizer, target)) for chunk in chunks]
+
+
+def nll_sum(policy, items, ids, lengths, pad_id, device):
+    """Summed negative log-likelihood of the targets ids (n, T), lengths (n,) of `items` ((record, prompt)
+    pairs). One forward: the prompts, then the targets as completions (Policy.forward)."""
+    batch = {k: v.to(device) for k, v in data.collate([p for _, p in items], pad_id).items()}
+    logp, _ = policy(batch, ids.to(device), lengths.to(device), 1.0)                  # (n, T), 0 past lengths
+    return -logp.sum()
+
+
+def train_step(policy, optimizer, items, tokenizer, cfg, device, world):
+    """One optimizer step on this rank's items: micro-batches of sft.micro_batch_size videos, each loss
+    divided by the global token count, then clip and AdamW."""
+    s = cfg.sft
+    chunks = micro_batches(items, s.micro_batch_size, tokenizer, s.target)
+    tokens = reduce([sum(int(lengths.sum()) for _, _, lengths in chunks)])[0]
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for chunk, ids, lengths in chunks:  # every rank has prompts_per_rank items, so the same number of chunks
+        loss = nll_sum(policy, chunk, ids, lengths, tokenizer.pad_token_id, device) / tokens
+        # FSDP averages gradients over ranks; the loss is already divided by the global token count
+        (loss * world).backward()
+        loss_sum += loss.item()
+    loss_total = reduce([loss_sum])[0]
+    grad_norm, stepped = training.clip_and_step(policy, optimizer, s.grad_clip, math.isfinite(loss_total))
+    return {"loss": loss_total, "grad_norm": grad_norm, "nonfinite": int(not stepped), "tokens": tokens}
+
+
+@torch.no_grad()
+def heldout_loss(policy, prompts, tokenizer, cfg, device):
+    """Mean NLL per target token of this rank's held-out (record, prompt) pairs, over every rank's."""
+    policy.eval()
+    chunks = micro_batches(prompts, cfg.sft.micro_batch_size, tokenizer, cfg.sft.target)
+    rounds = int(reduce([len(chunks)], dist.ReduceOp.MAX)[0])
+    total, count = 0.0, 0
+    for k in range(rounds):  # a rank with fewer chunks repeats its first, unused, in step with the others
+        chunk, ids, lengths = chunks[k] if k < len(chunks) else chunks[0]
+        nll = nll_sum(policy, chunk, ids, lengths, tokenizer.pad_token_id, device)
+        if k < len(chunks):
+            total, count = total + nll.item(), count + int(lengths.sum())
+    policy.train()
+    total, count = reduce([total, count])
+    return total / max(count, 1)
+
+
+def check_config(cfg):
+    problems = training.check_run(cfg.sft, "sft", cfg.data)
+    if cfg.sft.target not in TARGETS:
+        problems.append(f"sft.target must be one of {', '.join(TARGETS)}, got {cfg.sft.target!r}")
+    if problems:
+        raise config_lib.ConfigError("; ".join(problems))
+
+
+def train(cfg):
+    """The whole supervised run in its own process group. Returns the last metrics."""
+    check_config(cfg)
+    rank, world, device, mesh = training.init_distributed()
+    try:
+        return run(cfg, rank, world, device, mesh)
+    except BaseException:
+        if world > 1:  # end every rank with this message instead of a hang in a collective
+            print(f"[rank {rank}] {traceback.format_exc()}", file=sys.stderr, flush=True)
+            os._exit(1)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(cfg, rank, world, device, mesh):
+    """The supervised loop on an initialised process group (grpo.py's train.warm_start calls it too)."""
+    s = cfg.sft
+    training.seed_everything(cfg.seed)
+    records = data.load_records(cfg.data.train)
+    val = data.load_records(cfg.data.val) if s.eval_every else []
+    if s.target == "think" and (missing := [r.id for r in records + val if r.subjects is None]):
+        raise data.DataError(f"sft.target=think needs subjects on every record; {len(missing)} lack them "
+                             f"(first: id {missing[0]!r}): run python data.py prepare, or set sft.target=caption")
+    if s.target == "think":
+        with open(cfg.data.prompt_file) as f:
+            instruction = f.read().strip()
+    else:
+        instruction = data.CAPTION_PROMPT
+
+    training.ensure_model(cfg.model, rank, cfg.seed)
+    policy, tokenizer, model_type = training.load_policy(cfg.model, device, mesh)
+    vision_cfg = policy.hf.config.vision_config
+
+    def encode(record):
+        return data.encode(record.video, instruction, tokenizer, cfg.data, model_type, vision_cfg)
+    stream = data.PromptStream(records, encode, rank, world, cfg.seed, s.prompts_per_rank,
+                               cfg.data.shuffle, cfg.data.max_bad_fraction)
+    heldout = [(rec, encode(rec)) for rec in val[rank::world]]
+    cfg = dataclasses.replace(cfg, sft=dataclasses.replace(s, steps=s.steps or s.epochs * stream.steps_per_epoch()))
+    s = cfg.sft
+
+    optimizer, scheduler = training.make_optimizer(policy, s)
+    start, extra, resumed_from = training.resume(s, policy, optimizer, scheduler, rank)
+    nonfinite_run = 0
+    if extra:
+        nonfinite_run = extra["nonfinite_run"]
+        stream.load_state_dict(extra["data"])
+        training.set_rng_state(extra["rng"])
+        print0(f"resumed from {resumed_from} at step {start}")
+    if rank == 0:
+        os.makedirs(s.out_dir, exist_ok=True)
+        config_lib.save_config(cfg, os.path.join(s.out_dir, "config.yaml"))
+    log = training.make_logger(s, config_lib.to_dict(cfg), rank)
+    stop = training.sigterm_watch()
+
+    def checkpoint(step):
+        extra = {"step": step, "nonfinite_run": nonfinite_run, "scheduler": scheduler.state_dict(),
+                 "data": stream.state_dict(), "rng": training.rng_state()}
+        training.save_checkpoint(os.path.join(s.out_dir, "checkpoints"), step, policy, optimizer, extra, rank,
+                                 s.keep_checkpoints)
+
+    print0(f"SFT (target {s.target}): {model_type} from {cfg.model.path}, {len(records)} videos, {world} ranks, "
+           f"{s.steps} steps of {world * s.prompts_per_rank} videos")
+    metrics = {}
+    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, disable=rank != 0, desc="sft")
+    for step in bar:
+        t0 = time.perf_counter()
+        metrics = train_step(policy, optimizer, stream.next(), tokenizer, cfg, device, world)
+        scheduler.step()
+        nonfinite_run = nonfinite_run + 1 if metrics["nonfinite"] else 0
+        if nonfinite_run > s.max_nonfinite_steps:
+            raise RuntimeError(f"{nonfinite_run} steps in a row had a non-finite loss or gradient; "
+                               "lower sft.lr")
+        seconds = reduce([time.perf_counter() - t0], dist.ReduceOp.MAX)[0]
+        metrics.update(lr=scheduler.get_last_lr()[0], tokens_s=metrics["tokens"] / seconds, time_step=seconds,
+                       bad_videos=stream.bad, epoch=stream.epoch, peak_mem_gb=training.peak_memory_gb(device))
+        if s.eval_every and (step + 1) % s.eval_every == 0:
+            metrics["val_loss"] = heldout_loss(policy, heldout, tokenizer, cfg, device)
+        if (step + 1) % s.log_every == 0:
+            log(metrics, step + 1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        stop_now = stop()
+        if stop_now or step + 1 == s.steps or (s.checkpoint_every and (step + 1) % s.checkpoint_every == 0):
+            checkpoint(step + 1)
+        if stop_now:
+            print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with resume=auto to continue")
+            return metrics
+    bar.close()
+    if s.export:
+        training.export_hf(policy, tokenizer, os.path.join(s.out_dir, "export"),
+                           model_lib.resolve_dtype(cfg.model.dtype, device), rank, source=cfg.model.path)
+    if rank == 0:
+        print(summary(s.out_dir, s))
+    return metrics
+
+
+def summary(out, s):
+    """The loss (and held-out loss) over the first and last quarter of the steps, with its curve."""
+    lines = training.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    k = max(1, len(lines) // 4)
+    rows = []
+    for key in ("loss", "val_loss"):
+        series = [m[key] for m in lines if key in m]
+        if series:
+            q = max(1, len(series) // 4)
+            rows.append(f"  {key:<9} {sum(series[:q]) / q:.3f} -> {sum(series[-q:]) / q:.3f}  "
+                        f"{training.text_chart(series)}")
+    return (f"done: {s.steps} SFT steps; mean of the first and last {k} logged steps, and the curve:\n"
+            + "\n".join(rows) + f"\nmetrics: {out}/metrics.jsonl, export: {out}/export")
+
+
+def main(argv):
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    path = argv[0] if argv and "=" not in argv[0] else None
+    try:
+        cfg = config_lib.load_config(path, argv[1:] if path else argv)
+        check_config(cfg)
+    except config_lib.ConfigError as e:
+        sys.exit(f"config error: {e}")
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

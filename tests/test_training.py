@@ -1,0 +1,185 @@
+"""training.py: checkpoints that are visible only when complete, fall back when the newest is corrupt, never
+run pickled code and say so when the disk is full; the export carries the source folder's other files;
+the tiny model is built atomically; the summary's chart."""
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import config
+import model
+import training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def world_of_one():
+    rank, world, device, mesh = training.init_distributed()
+    yield mesh
+    dist.destroy_process_group()
+
+
+def tiny_policy(path, mesh, lr=0.1):
+    policy, tokenizer, _ = training.load_policy(config.ModelConfig(path=path, gradient_checkpointing=False),
+                                                torch.device("cpu"), mesh)
+    run = config.TrainConfig(lr=lr, steps=10)
+    optimizer, scheduler = training.make_optimizer(policy, run)
+    return policy, tokenizer, optimizer, scheduler
+
+
+def perturb(policy, optimizer):
+    """One optimizer step on a made-up loss, so that parameters and Adam state are not the initial ones."""
+    loss = sum((p.float() ** 2).sum() for p in policy.parameters())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def params(policy):
+    return {k: v.full_tensor().clone() for k, v in policy.state_dict().items()}
+
+
+def save(ckpt_dir, step, policy, optimizer, scheduler):
+    extra = {"step": step, "scheduler": scheduler.state_dict(), "rng": training.rng_state(), "note": [1, "a"]}
+    training.save_checkpoint(str(ckpt_dir), step, policy, optimizer, extra, 0, keep=3)
+
+
+def test_checkpoints_complete_only_and_fallback(tiny_model_dir, tmp_path, world_of_one, capsys):
+    policy, _, optimizer, scheduler = tiny_policy(tiny_model_dir("qwen2_vl"), world_of_one)
+    ckpt = tmp_path / "checkpoints"
+    perturb(policy, optimizer)
+    save(ckpt, 1, policy, optimizer, scheduler)
+    at_one = params(policy)
+    perturb(policy, optimizer)
+    save(ckpt, 2, policy, optimizer, scheduler)
+    at_two = params(policy)
+    assert sorted(os.listdir(ckpt)) == ["step-000001", "step-000002"]
+    # a crash mid-save leaves a .tmp folder, even one that already holds a meta.json: never picked
+    shutil.copytree(ckpt / "step-000002", ckpt / "step-000003.tmp")
+    assert training.latest_checkpoint(str(ckpt)) == str(ckpt / "step-000002")
+    run = config.TrainConfig(out_dir=str(tmp_path))
+    start, extra, path = training.resume(run, policy, optimizer, scheduler, 0)
+    assert (start, path) == (2, str(ckpt / "step-000002")) and extra["note"] == [1, "a"]
+    assert all(torch.equal(v, at_two[k]) for k, v in params(policy).items())
+    # a truncated meta.json (full disk) in the newest: skipped with a warning for the one before
+    (ckpt / "step-000002" / "meta.json").write_text('{"step": 2, "wor')
+    start, _, path = training.resume(run, policy, optimizer, scheduler, 0)
+    assert (start, path) == (1, str(ckpt / "step-000001"))
+    assert "skipping checkpoint" in capsys.readouterr().err
+    assert all(torch.equal(v, at_one[k]) for k, v in params(policy).items())
+    # corrupt shards in the newest complete one: a warning, then the one before
+    (ckpt / "step-000002" / "meta.json").write_text('{"step": 2, "world": 1}')
+    for name in os.listdir(ckpt / "step-000002"):
+        if name.endswith(".distcp"):
+            (ckpt / "step-000002" / name).write_bytes(b"garbage")
+    start, _, path = training.resume(run, policy, optimizer, scheduler, 0)
+    assert (start, path) == (1, str(ckpt / "step-000001"))
+    assert "do not load" in capsys.readouterr().out
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_planted_pickle_is_refused(tiny_model_dir, tmp_path, world_of_one, monkeypatch):
+    policy, _, optimizer, scheduler = tiny_policy(tiny_model_dir("qwen2_vl"), world_of_one)
+    save(tmp_path / "checkpoints", 1, policy, optimizer, scheduler)
+    rank_file = tmp_path / "checkpoints" / "step-000001" / "rank0.pt"
+    torch.save({"step": 1, "scheduler": {}, "evil": Payload()}, rank_file, pickle_module=pickle)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(training.CheckpointError, match="weights_only=True and never run code"):
+        training.load_checkpoint(str(tmp_path / "checkpoints" / "step-000001"), policy, optimizer, 0)
+    assert not (tmp_path / "PWNED").exists()
+
+
+DISK_FULL = """
+import sys, torch, config, training
+rank, world, device, mesh = training.init_distributed()
+policy, _, _ = training.load_policy(config.ModelConfig(path=sys.argv[1], gradient_checkpointing=False), device, mesh)
+optimizer, scheduler = training.make_optimizer(policy, config.TrainConfig(steps=1))
+try:
+    training.save_checkpoint(sys.argv[2], 1, policy, optimizer, {"step": 1}, 0, keep=2)
+except training.CheckpointError as e:
+    print("CAUGHT", e)
+"""
+
+
+def test_a_full_disk_is_named_and_keeps_the_older_checkpoint(tiny_model_dir, tmp_path):
+    path = tiny_model_dir("qwen2_vl")
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "step-000000").mkdir(parents=True)
+    (ckpt / "step-000000" / "meta.json").write_text('{"step": 0, "world": 1}')
+    # ulimit -f: a file may not grow past 64 KiB, so the model shards cannot be written (EFBIG)
+    proc = subprocess.run(["bash", "-c", f'ulimit -f 64; exec "{sys.executable}" -c "$0" "$1" "$2"', DISK_FULL,
+                           path, str(ckpt)], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert "CAUGHT cannot write the checkpoint" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "(disk full or not writable?)" in proc.stdout and "older checkpoints" in proc.stdout
+    assert sorted(os.listdir(ckpt)) == ["step-000000"]  # no .tmp left, the older one intact
+
+
+def test_the_export_carries_the_source_folders_other_files(tiny_model_dir, tmp_path, world_of_one):
+    source = tmp_path / "Qwen2-VL-like"
+    shutil.copytree(tiny_model_dir("qwen2_vl"), source)
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    extra = {"preprocessor_config.json": '{"image_processor_type": "Qwen2VLImageProcessor"}',
+             "video_preprocessor_config.json": '{"video_processor_type": "Qwen2VLVideoProcessor"}',
+             "chat_template.json": json.dumps({"chat_template": template}), "README.md": "# a model card",
+             "pytorch_model.bin": "old weights", "model.safetensors.index.json": "{}"}
+    for name, text in extra.items():
+        (source / name).write_text(text)
+    policy, tokenizer, optimizer, _ = tiny_policy(str(source), world_of_one)
+    out = tmp_path / "export"
+    training.export_hf(policy, tokenizer, str(out), torch.float32, 0, source=str(source))
+    weights = training.WEIGHT_FILES
+    theirs = {n for n in os.listdir(source) if not n.endswith(weights)}
+    ours = {n for n in os.listdir(out) if not n.endswith(weights)}
+    assert theirs <= ours, theirs - ours
+    assert not (out / "pytorch_model.bin").exists() and not (out / "model.safetensors.index.json").exists()
+    assert json.loads((out / "chat_template.json").read_text())["chat_template"] == template
+    assert (out / "preprocessor_config.json").read_text() == extra["preprocessor_config.json"]
+    assert not os.path.exists(str(out) + ".tmp")
+    hf, kind = model.load_model(str(out), config.ModelConfig(), "cpu", train=False)
+    assert kind == "qwen2_vl"
+
+
+def test_the_tiny_model_build_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "tiny")
+
+    def interrupted(folder, kind, seed):
+        (tmp_path / "started").write_text(folder)
+        raise KeyboardInterrupt
+    real = model._write_tiny
+    monkeypatch.setattr(model, "_write_tiny", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.build_tiny(path, "qwen2_vl")
+    assert not os.path.exists(path) and os.listdir(tmp_path) == ["started"]  # nothing that looks like a model
+    monkeypatch.setattr(model, "_write_tiny", real)
+    # two builds at once: both finish, the first rename wins and the other's files are discarded
+    procs = [subprocess.Popen([sys.executable, "-c", f"import model; model.build_tiny({path!r}, 'qwen2_vl')"],
+                              cwd=ROOT, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    assert sorted(os.listdir(tmp_path)) == ["started", "tiny"]
+    model.load_model(path, config.ModelConfig(), "cpu", train=False)
+
+
+def test_text_chart_and_side_by_side():
+    assert training.text_chart([0, 1, 2, 3]) == "▁▃▆█"
+    assert training.text_chart([1.0] * 3) == "▁▁▁"
+    assert len(training.text_chart(list(range(1000)), width=10)) == 10
+    samples = [{"step": 1, "video": "a", "text": "first a", "reward": 0.1},
+               {"step": 2, "video": "b", "text": "first b", "reward": 0.2},
+               {"step": 9, "video": "a", "text": "last a", "reward": 2.5},
+               {"step": 10, "video": "b", "text": "last b", "reward": 0.3}]
+    text = training.side_by_side(samples, "reward")
+    assert text.splitlines()[0] == "video a: its first and its last sample"
+    assert "step 1, reward 0.100" in text and "step 9, reward 2.500" in text and "first a" in text

@@ -1,0 +1,509 @@
+"""The training machinery that grpo.py and sft.py share: the process group, FSDP2 wrapping, AdamW and its
+schedule, checkpoints with exact resume, the Hugging Face export, metric logging and the summary's charts.
+
+    rank, world, device, mesh = init_distributed()
+    policy, tokenizer, kind = load_policy(cfg.model, device, mesh)    # fp32 master weights, bf16 compute on GPU
+    optimizer, scheduler = make_optimizer(policy, cfg.train)          # cfg.train or cfg.sft: a RunConfig
+    start, extra = resume(cfg.train, policy, optimizer, scheduler, rank)
+    ... the program's loop, calling save_checkpoint(...) and log(metrics, step) ...
+    export_hf(policy, tokenizer, out_dir, dtype, rank, source=cfg.model.path)
+
+Choices beyond the paper (which does not describe its training code):
+- Plain `python grpo.py` (or sft.py) runs as an FSDP world of one, the same code path as torchrun.
+- The policy keeps fp32 master weights and computes in bf16 on GPU (FSDP2 mixed precision): at lr 1e-6 a bf16
+  weight cannot hold the update.
+- A checkpoint is a folder step-NNNNNN: the sharded model and optimizer (torch.distributed.checkpoint), one
+  small file per rank (data position, RNG, schedule: tensors and plain values, read back with
+  weights_only=True, so a checkpoint cannot run code) and meta.json. It is written as step-NNNNNN.tmp, every
+  file flushed to disk, and renamed only when complete: a crash or a full disk mid-save leaves the previous
+  checkpoints as they were, and resume never picks an incomplete folder. A newest checkpoint that does not
+  load is skipped, with a warning, for the one before it.
+"""
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import textwrap
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+import model as model_lib
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the path."""
+
+
+class WorldSizeError(CheckpointError):
+    """A checkpoint written by another number of ranks."""
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def init_distributed():
+    """Join the process group torchrun describes, or make a world of one."""
+    kw = {"timeout": timedelta(minutes=30)}
+    if "RANK" not in os.environ:  # plain `python grpo.py`
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        kw.update(init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device, **kw)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", **kw)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return dist.get_rank(), dist.get_world_size(), device, mesh
+
+
+def reduce(values, op=dist.ReduceOp.SUM):
+    """All-reduce a list of floats across ranks (one collective)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def print0(*args, **kwargs):
+    if dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def sigterm_watch():
+    """Install a SIGTERM handler; returns stop() -> True on every rank once any rank got SIGTERM."""
+    flag = {"requested": False}
+    signal.signal(signal.SIGTERM, lambda *_: flag.update(requested=True))
+    return lambda: reduce([float(flag["requested"])], dist.ReduceOp.MAX)[0] > 0
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def shard(policy, mesh, device, *, train, offload=False):
+    """Our FSDP2 wrapping: each vision block, each decoder layer, then the root (the
+    Policy, which owns embeddings, the final norm and lm_head)."""
+    on_gpu = device.type == "cuda"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if on_gpu and train else MixedPrecisionPolicy()
+    kw = {"mesh": mesh, "mp_policy": mp}
+    if offload and on_gpu:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    inner = policy.hf.model
+    for block in inner.visual.blocks:
+        fully_shard(block, **kw)
+    for layer in inner.language_model.layers:
+        fully_shard(layer, **kw)
+    fully_shard(policy, **kw)
+    if not (offload and on_gpu):
+        policy.to(device)
+    # FSDP2 picks its root at the first forward; generation calls the layers directly,
+    # so make the Policy the root before anything runs.
+    policy._get_fsdp_state()._lazy_init()
+    return policy
+
+
+def load_policy(model_cfg, device, mesh, *, train=True, offload=False):
+    """The model at model_cfg.path as a sharded Policy -> (policy, tokenizer, kind). train=True: the policy,
+    fp32 master weights (bf16 compute on GPU); train=False: the frozen reference in model_cfg.dtype."""
+    tokenizer = model_lib.load_tokenizer(model_cfg.path)
+    cfg = model_cfg
+    if train and device.type == "cuda" and model_cfg.dtype in ("auto", "bfloat16"):
+        cfg = dataclasses.replace(model_cfg, dtype="float32")
+    hf, kind = model_lib.load_model(model_cfg.path, cfg, "cpu", train=train)
+    return shard(model_lib.Policy(hf), mesh, device, train=train, offload=offload), tokenizer, kind
+
+
+@contextlib.contextmanager
+def gathered(policy):
+    """Hold every FSDP unit unsharded for a whole rollout: one all-gather per unit
+    instead of one per decode step. The root keeps FSDP's default of no reshard."""
+    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    for u in units:
+        u.unshard()
+        u.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for u in units:
+            u.reshard()
+            u.set_reshard_after_forward(u is not policy, recurse=False)
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+
+
+def lr_factor(step, run):
+    """Linear warmup from 0, then constant, cosine or linear decay to min_lr_ratio (run: a RunConfig)."""
+    if step < run.warmup_steps:
+        return (step + 1) / run.warmup_steps
+    if run.lr_schedule == "constant":
+        return 1.0
+    total = max(1, run.steps - run.warmup_steps)
+    progress = min(1.0, (step - run.warmup_steps) / total)
+    lo = run.min_lr_ratio
+    if run.lr_schedule == "cosine":
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
+    if run.lr_schedule == "linear":
+        return lo + (1 - lo) * (1 - progress)
+    raise ValueError(f"lr_schedule must be constant, cosine or linear, got {run.lr_schedule!r}")
+
+
+def make_optimizer(policy, run):
+    """AdamW over the policy's (sharded) parameters and its LambdaLR schedule, from a RunConfig whose
+    `steps` is already resolved."""
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=run.lr, betas=tuple(run.adam_betas),
+                                  weight_decay=run.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, run))
+
+
+def clip_and_step(policy, optimizer, max_norm, loss_finite=True):
+    """Clip the global gradient norm (all ranks) and step, unless the norm or the loss is not finite: then
+    the gradients are dropped and no step is taken. Returns (grad_norm, stepped)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm or math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    if not (loss_finite and torch.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm.item(), False
+    optimizer.step()
+    return grad_norm.item(), True
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _fsync_write(path, write):
+    """write(f) into path.tmp, flush it to disk, rename it over path: path is old or new, never torn."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def complete_checkpoints(ckpt_dir):
+    """Checkpoint folders step-NNNNNN (never the .tmp of an interrupted save) with a readable meta.json,
+    newest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    found = []
+    for name in sorted(os.listdir(ckpt_dir), reverse=True):
+        path = os.path.join(ckpt_dir, name)
+        if not (name.startswith("step-") and name[5:].isdigit()):
+            continue
+        try:
+            with open(os.path.join(path, "meta.json")) as f:
+                json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"warning: skipping checkpoint {path}: meta.json unreadable ({type(e).__name__})",
+                  file=sys.stderr)
+            continue
+        found.append(path)
+    return found
+
+
+def latest_checkpoint(ckpt_dir):
+    """Newest complete checkpoint folder, or None."""
+    found = complete_checkpoints(ckpt_dir)
+    return found[0] if found else None
+
+
+def rng_state(generator=None):
+    """Every RNG the loop draws from (the global ones and the sampling generator), as tensors and plain
+    values (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if generator is not None:
+        state["sampling"] = generator.get_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state, generator=None):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if generator is not None:
+        generator.set_state(state["sampling"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(ckpt_dir, step, policy, optimizer, extra, rank, keep, meta=None):
+    """Write step-NNNNNN.tmp (sharded model + optimizer through DCP, rank<r>.pt with `extra` from each rank,
+    then meta.json), flush everything to disk, rename it to step-NNNNNN and keep the newest `keep`. A write
+    that fails on any rank (a full disk) removes the .tmp and raises CheckpointError on every rank, leaving
+    the older checkpoints intact."""
+    final = os.path.join(ckpt_dir, f"step-{step:06d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    error = ""
+    try:
+        model_sd, optim_sd = get_state_dict(policy, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        _fsync_write(os.path.join(tmp, f"rank{rank}.pt"), lambda f: torch.save(extra, f))
+    except (OSError, RuntimeError, dcp.api.CheckpointException) as e:
+        error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+    failed = reduce([float(bool(error))], dist.ReduceOp.MAX)[0] > 0
+    if not failed and rank == 0:
+        try:
+            for name in os.listdir(tmp):  # DCP's own files, flushed before the folder becomes visible
+                if os.path.isfile(os.path.join(tmp, name)):
+                    with open(os.path.join(tmp, name), "rb") as f:
+                        os.fsync(f.fileno())
+            body = json.dumps({"step": step, "world": dist.get_world_size(), **(meta or {})}).encode()
+            _fsync_write(os.path.join(tmp, "meta.json"), lambda f: f.write(body))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_dir(ckpt_dir)
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+    failed = reduce([float(bool(error))], dist.ReduceOp.MAX)[0] > 0
+    if failed:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        raise CheckpointError(f"cannot write the checkpoint {final} (disk full or not writable?): "
+                              f"{error or 'failed on another rank'}; the older checkpoints in {ckpt_dir} "
+                              "are intact")
+    if rank == 0:
+        old = [p for p in complete_checkpoints(ckpt_dir)][keep:] if keep > 0 else []
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(path, policy, optimizer, rank):
+    """Load a checkpoint folder into the policy and optimizer -> (meta, this rank's extra). Raises
+    CheckpointError naming the file when it cannot be read."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}/meta.json: unreadable ({type(e).__name__})") from None
+    if meta["world"] != dist.get_world_size():
+        raise WorldSizeError(f"{path} was written by {meta['world']} ranks, this run has "
+                              f"{dist.get_world_size()}: the data position and RNG are per rank")
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (OSError, RuntimeError, ValueError, dcp.api.CheckpointException) as e:
+        raise CheckpointError(f"{path}: the model or optimizer shards do not load ({type(e).__name__})") from None
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    extra_path = os.path.join(path, f"rank{rank}.pt")
+    try:
+        extra = torch.load(extra_path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds; a refused pickle is UnpicklingError
+        raise CheckpointError(f"{extra_path}: unreadable or not a plain state file ({type(e).__name__}); "
+                              "checkpoints are loaded with weights_only=True and never run code") from None
+    return meta, extra
+
+
+def resume(run, policy, optimizer, scheduler, rank):
+    """Load the checkpoint run.resume names (auto: the newest complete one in run.out_dir/checkpoints, falling
+    back to older ones when it does not load; never; or a path) -> (start step, extra, path), or
+    (0, None, None) for a fresh start. Every rank loads the checkpoint rank 0 chose."""
+    ckpt_dir = os.path.join(run.out_dir, "checkpoints")
+    if run.resume == "never":
+        return 0, None, None
+    candidates = complete_checkpoints(ckpt_dir) if run.resume == "auto" else [run.resume]
+    for k, path in enumerate(candidates):
+        error = ""
+        try:
+            meta, extra = load_checkpoint(path, policy, optimizer, rank)
+        except WorldSizeError:
+            raise
+        except CheckpointError as e:
+            error = str(e)
+        if reduce([float(bool(error))], dist.ReduceOp.MAX)[0] == 0:
+            scheduler.load_state_dict(extra["scheduler"])
+            return meta["step"], extra, path
+        if run.resume != "auto":
+            raise CheckpointError(error or f"{path}: does not load on another rank")
+        print0(f"warning: {error or path + ' does not load on another rank'}; trying the checkpoint before it"
+               if k + 1 < len(candidates) else f"warning: {error}; no older checkpoint, starting fresh")
+    return 0, None, None
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
+
+
+def export_hf(policy, tokenizer, out_dir, dtype, rank, source):
+    """An HF model folder at out_dir: the full weights gathered on rank 0, cast to the compute dtype (not
+    the fp32 master copy), written with save_pretrained, the tokenizer, and every other file of the
+    `source` model folder that these do not write (preprocessor_config.json, video_preprocessor_config.json,
+    chat_template.json, generation_config.json, ...; never its weights), so that AutoProcessor and
+    `vllm serve` load the result as they load the source. Written into out_dir.tmp and renamed when
+    complete; an existing out_dir is replaced."""
+    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    error = ""
+    if rank == 0:
+        tmp = out_dir.rstrip("/") + ".tmp"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with torch.device("meta"):
+                fresh = type(policy.hf)._from_config(policy.hf.config, dtype=dtype)
+            fresh.load_state_dict({k.removeprefix("hf."): v.to(dtype) for k, v in sd.items()}, assign=True)
+            fresh.generation_config = policy.hf.generation_config  # the source's, as loaded
+            fresh.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            for name in sorted(os.listdir(source)):
+                src = os.path.join(source, name)
+                if os.path.isfile(src) and not name.endswith(WEIGHT_FILES) and \
+                        not os.path.exists(os.path.join(tmp, name)):
+                    shutil.copy2(src, os.path.join(tmp, name))
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.replace(tmp, out_dir)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = f"cannot write the export {out_dir} (disk full or not writable?): {type(e).__name__}: {e}"
+    if reduce([float(bool(error))], dist.ReduceOp.MAX)[0] > 0:
+        raise CheckpointError(error or "the export failed on rank 0")
+
+# ----------------------------------------------------------------------------- logging
+
+
+def make_logger(run, config_dict, rank):
+    """log(metrics, step): a line of metrics.jsonl on rank 0, plus wandb / TensorBoard when switched on
+    (run.wandb, run.tensorboard) and installed."""
+    if rank != 0:
+        return lambda metrics, step: None
+    out_dir = run.out_dir
+    sinks = []
+    if run.wandb:
+        import wandb  # optional
+        wb = wandb.init(project=run.wandb_project, config=config_dict, dir=out_dir)
+        sinks.append(lambda m, step: wb.log(m, step=step))
+    if run.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter  # optional
+        writer = SummaryWriter(os.path.join(out_dir, "tb"))
+        sinks.append(lambda m, step: [writer.add_scalar(k, v, step) for k, v in m.items()])
+    path = os.path.join(out_dir, "metrics.jsonl")
+
+    def log(metrics, step):
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for sink in sinks:
+            sink(metrics, step)
+    return log
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+BARS = " ▁▂▃▄▅▆▇█"
+
+
+def text_chart(values, width=48):
+    """A one-line chart of a series: at most `width` bars, each the mean of its stretch of steps, scaled
+    between the series' min and max. NaN stretches print as a space."""
+    if not values:
+        return ""
+    n = min(width, len(values))
+    means = []
+    for k in range(n):
+        part = [v for v in values[k * len(values) // n:(k + 1) * len(values) // n] if v == v]
+        means.append(sum(part) / len(part) if part else None)
+    finite = [m for m in means if m is not None]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
+    span = hi - lo or 1.0
+    return "".join(" " if m is None else BARS[1 + round((m - lo) / span * (len(BARS) - 2))] for m in means)
+
+
+def read_jsonl(path):
+    """The objects of a JSONL file written by this run ([] when it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def side_by_side(samples, score, width=46):
+    """The first and the last sample of one video (the one seen furthest apart) in two columns, each
+    headed by its step and `score`; samples: [{"step", "video", "text", score, ...}]."""
+    spans = {}
+    for s in samples:
+        first, _ = spans.get(s.get("video"), (s, s))
+        spans[s.get("video")] = (first, s)
+    if not spans:
+        return ""
+    first, last = max(spans.values(), key=lambda fl: fl[1]["step"] - fl[0]["step"])
+    left, right = (textwrap.wrap(s["text"][:600].replace("\n", " "), width) or [""] for s in (first, last))
+    head = [f"step {s['step']}, {score} {s[score]:.3f}" for s in (first, last)]
+    out = [f"video {first.get('video')}: its first and its last sample", f"  {head[0]:<{width}} | {head[1]}"]
+    out += [f"  {a:<{width}} | {b}" for a, b in itertools.zip_longest(left, right, fillvalue="")]
+    return "\n".join(out)
+
+
+def check_run(run, section, data_cfg):
+    """The problems of a RunConfig (`section`: train or sft) that the types allow but the loop does not."""
+    problems = []
+    for key in ("prompts_per_rank", "micro_batch_size", "epochs", "log_every"):
+        if getattr(run, key) < 1:
+            problems.append(f"{section}.{key} must be >= 1, got {getattr(run, key)}")
+    for key in ("steps", "warmup_steps", "checkpoint_every", "keep_checkpoints", "eval_every",
+                "max_nonfinite_steps", "weight_decay", "grad_clip"):
+        if getattr(run, key) < 0:
+            problems.append(f"{section}.{key} must be >= 0, got {getattr(run, key)}")
+    if not run.lr > 0 or not math.isfinite(run.lr):
+        problems.append(f"{section}.lr must be > 0, got {run.lr}")
+    if run.lr_schedule not in ("constant", "cosine", "linear"):
+        problems.append(f"{section}.lr_schedule must be constant, cosine or linear, got {run.lr_schedule!r}")
+    if not 0 <= run.min_lr_ratio <= 1:
+        problems.append(f"{section}.min_lr_ratio must be in [0, 1], got {run.min_lr_ratio}")
+    if len(run.adam_betas) != 2 or not all(0 <= b < 1 for b in run.adam_betas):
+        problems.append(f"{section}.adam_betas must be two numbers in [0, 1), got {run.adam_betas}")
+    if run.resume not in ("auto", "never") and not os.path.isdir(run.resume):
+        problems.append(f"{section}.resume must be auto, never or a checkpoint folder; {run.resume!r} is none")
+    if run.eval_every and not data_cfg.val:
+        problems.append(f"{section}.eval_every={run.eval_every} needs data.val, a held-out JSONL")
+    return problems
+
+
+def ensure_model(model_cfg, rank, seed=0):
+    """With model.build_tiny, build the tiny random model at model.path when nothing is there (rank 0; the
+    others wait). model.build_tiny writes into a temporary folder and renames it when complete."""
+    if model_cfg.build_tiny and rank == 0 and not os.path.exists(model_cfg.path):
+        print(f"building a tiny random {model_cfg.build_tiny} model at {model_cfg.path}", flush=True)
+        model_lib.build_tiny(model_cfg.path, model_cfg.build_tiny, seed)
+    dist.barrier()
