@@ -104,6 +104,8 @@ class JudgeConfig:
     temperature: float = 0.0
     cache_dir: str = "runs/judge-cache"
     health_check: bool = True
+    max_failed_share: float = 0.5
+    failed_window: int = 10
     prompts: dict[str, str] = field(default_factory=dict)
 
 
@@ -130,6 +132,7 @@ class RunConfig:
     log_every: int = 1
     eval_every: int = 0
     max_nonfinite_steps: int = 3
+    collective_timeout: float = 1800.0
     wandb: bool = False
     wandb_project: str = "videocap-r1"
     tensorboard: bool = False
@@ -263,11 +266,101 @@ def load_config(path=None, overrides=()):
         if not sep or not key:
             raise ConfigError(f"override '{item}' must look like section.key=value")
         _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return _build(Config, tree, "")
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+_SHARE = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+
+
+def _at_least(n):
+    return lambda v: v >= n, f"must be >= {n}"
+
+
+# Every numeric key and the values it takes (NaN takes none); tests/test_config.py checks that none is missing.
+# The run sections' keys are listed once for train and sft alike.
+_RUN = {"steps": _NON_NEGATIVE, "epochs": _POSITIVE, "prompts_per_rank": _POSITIVE, "micro_batch_size": _POSITIVE,
+        "lr": _POSITIVE, "warmup_steps": _NON_NEGATIVE, "min_lr_ratio": _SHARE, "weight_decay": _NON_NEGATIVE,
+        "adam_betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
+        "grad_clip": _NON_NEGATIVE,
+        "checkpoint_every": _NON_NEGATIVE, "keep_checkpoints": _NON_NEGATIVE, "log_every": _POSITIVE,
+        "eval_every": _NON_NEGATIVE, "max_nonfinite_steps": _NON_NEGATIVE, "collective_timeout": _POSITIVE}
+RANGES = {
+    "data": {"fps": _POSITIVE, "min_frames": _at_least(1), "max_frames": _at_least(2), "min_pixels": _POSITIVE,
+             "max_pixels": _POSITIVE, "video_max_pixels": _POSITIVE, "total_pixels": _POSITIVE,
+             "max_bad_fraction": _SHARE, "max_prompt_tokens": _POSITIVE},
+    "sampling": {"group_size": _at_least(2), "temperature": _POSITIVE,
+                 "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+                 "max_new_tokens": _POSITIVE},
+    "reward": {"format_weight": _NON_NEGATIVE, "think_weight": _NON_NEGATIVE, "event_weight": _NON_NEGATIVE,
+               "cn_weight": _NON_NEGATIVE},
+    "reward.think": {"match_threshold": _SHARE, "subject_threshold": _SHARE, "attribute_weight": _NON_NEGATIVE,
+                     "action_weight": _NON_NEGATIVE},
+    "reward.event": {"delta1": _SHARE, "delta2": _SHARE},
+    "reward.cn": {"max_score": _POSITIVE, "completeness_weight": _NON_NEGATIVE, "naturalness_weight": _NON_NEGATIVE},
+    "judge": {"timeout": _POSITIVE, "retries": _NON_NEGATIVE, "backoff": _NON_NEGATIVE,
+              "max_backoff": _NON_NEGATIVE, "malformed_retries": _NON_NEGATIVE, "concurrency": _POSITIVE,
+              "max_tokens": _POSITIVE, "temperature": _NON_NEGATIVE, "max_failed_share": _SHARE,
+              "failed_window": _POSITIVE},
+    "train": {**_RUN, "num_iterations": _POSITIVE, "beta": _NON_NEGATIVE,
+              "eps_low": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+              "eps_high": _NON_NEGATIVE, "adv_eps": _NON_NEGATIVE, "sample_every": _NON_NEGATIVE},
+    "sft": _RUN,
+    "eval": {"batch_size": _POSITIVE, "max_new_tokens": _POSITIVE, "temperature": _NON_NEGATIVE,
+             "max_frames": _at_least(2), "limit": _NON_NEGATIVE, "malformed_retries": _NON_NEGATIVE},
+}
+# The pairs of keys whose order matters: (lower, upper)
+ORDERED = [("data.min_frames", "data.max_frames"), ("data.min_pixels", "data.max_pixels"),
+           ("reward.event.delta1", "reward.event.delta2"), ("judge.backoff", "judge.max_backoff")]
+
+
+def _get(cfg, dotted):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg):
+    """Refuse, with the key named, values the types allow but no run can use (a negative grad_clip would
+    flip the gradient's sign; delta1 above delta2 would make the step function's middle step empty)."""
+    problems = []
+    for section, keys in RANGES.items():
+        for key, (ok, must) in keys.items():
+            value = _get(cfg, f"{section}.{key}")
+            if not ok(value):
+                problems.append(f"{section}.{key} {must}, got {value!r}")
+    for lower, upper in ORDERED:
+        if _get(cfg, lower) > _get(cfg, upper):
+            problems.append(f"{lower}={_get(cfg, lower)!r} must not exceed {upper}={_get(cfg, upper)!r}")
+    for section in ("reward.think", "reward.cn"):
+        weights = [v for k, v in vars(_get(cfg, section)).items() if k.endswith("_weight")]
+        if not sum(weights) > 0:
+            problems.append(f"{section}: its weights must not all be 0")
+    if problems:
+        raise ConfigError("; ".join(problems) + " (config.yaml documents each key)")
 
 
 def to_dict(cfg):
     return dataclasses.asdict(cfg)
+
+
+def settings(cfg, sections, leave_out=()):
+    """{dotted key: value} of the top-level keys and the `sections` of cfg, without `leave_out`: what a
+    checkpoint records so that a resume can tell what changed."""
+    out = {}
+
+    def walk(tree, prefix):
+        for key, value in tree.items():
+            if isinstance(value, dict) and key != "prompts":
+                walk(value, f"{prefix}{key}.")
+            elif f"{prefix}{key}" not in leave_out:
+                out[f"{prefix}{key}"] = value
+    tree = to_dict(cfg)
+    walk({k: v for k, v in tree.items() if k in sections or not isinstance(v, dict)}, "")
+    return out
 
 
 def save_config(cfg, path):

@@ -30,7 +30,6 @@ import math
 import os
 import sys
 import time
-import traceback
 import warnings
 
 import torch
@@ -253,14 +252,16 @@ def train_step(policy, ref, optimizer, items, reward_fn, cfg, special, generator
     # every figure below is over all ranks: local sums, one all-reduce, then the ratios
     local = {"samples": len(texts), "reward": reward.nan_to_num().sum().item(),
              "reward_n": torch.isfinite(reward).sum().item(), "groups": len(valid),
-             "dropped": (~valid).sum().item(), "gen_tokens": roll.lengths.sum().item(),
+             "dropped": (~valid).sum().item(), "judge_failed": (~judged).sum().item(),
+             "gen_tokens": roll.lengths.sum().item(),
              "truncated": (~roll.ended).sum().item(), "judge_failures": reward_stats.get("judge_failed", 0)}
     for k, v in parts.items():
         local[f"reward_{k}"], local[f"reward_{k}_n"] = v.nan_to_num().sum().item(), torch.isfinite(v).sum().item()
     g = dict(zip(local, reduce([float(x) for x in local.values()])))
     rollout_time = reduce([times["rollout"]], dist.ReduceOp.MAX)[0]  # the slowest rank sets the pace
     metrics = {k: g[k] / max(g[f"{k}_n"], 1) for k in local if k.startswith("reward") and not k.endswith("_n")}
-    metrics.update({"dropped_groups": g["dropped"] / g["groups"], "judge_failures": g["judge_failures"],
+    metrics.update({"groups": g["groups"], "dropped_groups": g["dropped"] / g["groups"],
+                    "judge_failed_groups": g["judge_failed"] / g["groups"], "judge_failures": g["judge_failures"],
                     "completion_len": g["gen_tokens"] / g["samples"], "truncated": g["truncated"] / g["samples"],
                     "rollout_tok_s": g["gen_tokens"] / max(rollout_time, 1e-9)})
     if acc is not None:
@@ -300,24 +301,23 @@ def heldout_rewards(policy, prompts, reward_fn, cfg, special, device):
 
 # ----------------------------------------------------------------------------- the run
 
+# Settings a resumed run must share with its checkpoint: the data position is an index into the order that
+# the seed, the records and the videos per rank define, and model.path is also the frozen reference.
+FIXED_ON_RESUME = ("seed", "model.path", "data.train", "data.shuffle", "train.prompts_per_rank")
+
+
+class JudgeOutage(training.StopRun):
+    """The judge failed for too many groups in a row; a checkpoint was written first."""
+
 
 def check_config(cfg):
-    """Fail before any model loads on values the types allow but the math does not."""
-    t, s = cfg.train, cfg.sampling
+    """Fail before any model loads on settings config.validate's ranges do not cover."""
+    t = cfg.train
     problems = training.check_run(t, "train", cfg.data)
-    if s.group_size < 2:
-        problems.append(f"sampling.group_size must be >= 2 (a group of one has no advantage), got {s.group_size}")
     if t.loss_agg not in LOSS_AGGS:
         problems.append(f"train.loss_agg must be one of {', '.join(LOSS_AGGS)}, got {t.loss_agg!r}")
     if t.adv_scale not in ("group", "batch", "none"):
         problems.append(f"train.adv_scale must be group, batch or none, got {t.adv_scale!r}")
-    if t.num_iterations < 1:
-        problems.append(f"train.num_iterations must be >= 1, got {t.num_iterations}")
-    if t.beta < 0 or t.eps_low < 0 or t.eps_high < 0:
-        problems.append("train.beta, eps_low and eps_high must be >= 0")
-    if s.max_new_tokens < 1 or s.temperature <= 0 or not 0 < s.top_p <= 1:
-        problems.append("GRPO samples: sampling.max_new_tokens >= 1, temperature > 0 and 0 < top_p <= 1 "
-                        "are required")
     if t.warm_start:
         problems += training.check_run(cfg.sft, "sft", cfg.data)
     if problems:
@@ -328,19 +328,11 @@ def train(cfg, reward_fn=None):
     """The whole run. `reward_fn(texts, records, rollout) -> (reward (N,), parts, stats)`
     replaces the configured reward (tests use a toy one). Returns the last metrics."""
     check_config(cfg)
-    rank, world, device, mesh = training.init_distributed()
-    try:
-        if cfg.train.warm_start:
-            cfg = warm_start(cfg, rank, world, device, mesh)
-        return run(cfg, reward_fn, rank, world, device, mesh)
-    except BaseException:
-        if world > 1:  # end every rank with this message instead of a hang in a collective
-            print(f"[rank {rank}] {traceback.format_exc()}", file=sys.stderr, flush=True)
-            os._exit(1)
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+    def program(rank, world, device, mesh):
+        started = warm_start(cfg, rank, world, device, mesh) if cfg.train.warm_start else cfg
+        return run(started, reward_fn, rank, world, device, mesh)
+    return training.launch("grpo.py", program, cfg.train.collective_timeout)
 
 
 def warm_start(cfg, rank, world, device, mesh):
@@ -359,8 +351,9 @@ def run(cfg, reward_fn, rank, world, device, mesh):
     t = cfg.train
     training.seed_everything(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1009 + rank)
-    records = data.load_records(cfg.data.train)  # before any model loads: bad data fails fast
-    val = data.load_records(cfg.data.val) if t.eval_every else []
+    need = rewards.required_fields(cfg.reward)  # e.g. subjects for Tscore: a record without them stops here
+    records = data.load_records(cfg.data.train, need)  # before any model loads: bad data fails fast
+    val = data.load_records(cfg.data.val, need) if t.eval_every else []
     with open(cfg.data.prompt_file) as f:
         instruction = f.read().strip()
 
@@ -388,6 +381,7 @@ def run(cfg, reward_fn, rank, world, device, mesh):
     t = cfg.train
 
     # reward
+    judge = None
     if reward_fn is None:
         judge = rewards.make_judge(cfg.judge)
 
@@ -395,7 +389,8 @@ def run(cfg, reward_fn, rank, world, device, mesh):
             return rewards.compute_rewards(texts, recs, cfg.reward, judge)
 
     optimizer, scheduler = training.make_optimizer(policy, t)
-    start, extra, resumed_from = training.resume(t, policy, optimizer, scheduler, rank)
+    settings = config_lib.settings(cfg, ("model", "data", "sampling", "reward", "judge", "train"), ("train.resume",))
+    start, extra, resumed_from = training.resume(t, policy, optimizer, scheduler, rank, settings, FIXED_ON_RESUME)
     nonfinite_run = 0
     if extra:
         nonfinite_run = extra["nonfinite_run"]
@@ -415,11 +410,11 @@ def run(cfg, reward_fn, rank, world, device, mesh):
         extra = {"step": step, "nonfinite_run": nonfinite_run, "scheduler": scheduler.state_dict(),
                  "data": stream.state_dict(), "rng": training.rng_state(generator)}
         training.save_checkpoint(os.path.join(t.out_dir, "checkpoints"), step, policy, optimizer, extra, rank,
-                                 t.keep_checkpoints)
+                                 t.keep_checkpoints, meta={"settings": settings})
 
     print0(f"GRPO: {model_type} from {cfg.model.path}, {len(records)} videos, {world} ranks, "
            f"{t.steps} steps of {world * t.prompts_per_rank} videos x G={cfg.sampling.group_size}")
-    metrics = {}
+    metrics, judged = {}, []  # judged: per step, the share of groups whose judging failed
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=rank != 0, desc="grpo")
     for step in bar:
         items = stream.next()
@@ -429,10 +424,23 @@ def run(cfg, reward_fn, rank, world, device, mesh):
         skipped = metrics.get("nonfinite", 0) == t.num_iterations
         nonfinite_run = nonfinite_run + 1 if skipped else 0
         if nonfinite_run > t.max_nonfinite_steps:
-            raise RuntimeError(f"{nonfinite_run} steps in a row had a non-finite loss or gradient; "
+            raise training.StopRun(f"{nonfinite_run} steps in a row had a non-finite loss or gradient; "
                                "lower train.lr or check the rewards in metrics.jsonl")
         metrics.update(lr=scheduler.get_last_lr()[0], bad_videos=stream.bad, epoch=stream.epoch,
                        peak_mem_gb=training.peak_memory_gb(device))
+        judged.append(metrics["judge_failed_groups"])
+        window = cfg.judge.failed_window
+        if len(judged) >= window and sum(judged[-window:]) / window > cfg.judge.max_failed_share:
+            log(metrics, step + 1)
+            checkpoint(step + 1)
+            if rank == 0:
+                print(summary(t.out_dir, t))
+            raise JudgeOutage(f"judging failed for {sum(judged[-window:]) / window:.0%} "
+                              f"of the groups of the last {window} steps, above "
+                              f"judge.max_failed_share={cfg.judge.max_failed_share} (last judge error: "
+                              f"{getattr(judge, 'last_error', '') or 'see the messages above'}). A checkpoint is "
+                              f"written at step {step + 1}: bring the judge back ({cfg.judge.url}) and rerun the same "
+                              "command to resume")
         if t.eval_every and (step + 1) % t.eval_every == 0:
             metrics.update(heldout_rewards(policy, heldout, reward_fn, cfg, special, device))
         if (step + 1) % t.log_every == 0:
@@ -474,7 +482,12 @@ def summary(out, t):
     updated = sum(1 for m in lines if "loss" in m and m["nonfinite"] < t.num_iterations)
     note = ("" if updated else "\nno step had a group with unequal rewards, so none updated the model "
             "(a random model writes no <think>/<answer>: every sample scores 0)")
+    groups = sum(m["groups"] for m in lines)
+    failed = round(sum(m["judge_failed_groups"] * m["groups"] for m in lines))
+    dropped = round(sum(m["dropped_groups"] * m["groups"] for m in lines))
     text = (f"done: {t.steps} steps, {updated} of {len(lines)} logged steps updated the model{note}\n"
+            f"groups dropped from the loss: {dropped} of {groups:.0f}: {failed} because a judge call failed, "
+            f"{dropped - failed} because all their rewards tied\n"
             f"mean of the first and last {k} logged steps, and the curve over all of them:\n" + "\n".join(rows))
     samples = training.read_jsonl(os.path.join(out, "samples.jsonl"))
     text += "\n" + training.side_by_side(samples, "reward")
@@ -484,17 +497,7 @@ def summary(out, t):
 
 
 def main(argv):
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return
-    path = argv[0] if argv and "=" not in argv[0] else None
-    overrides = argv[1:] if path else argv
-    try:
-        cfg = config_lib.load_config(path, overrides)
-        check_config(cfg)
-    except config_lib.ConfigError as e:
-        sys.exit(f"config error: {e}")
-    train(cfg)
+    training.main("grpo.py", argv, __doc__, check_config, train)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import math
 import os
 import sys
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -40,6 +39,8 @@ import training
 from training import print0, reduce
 
 TARGETS = ("think", "caption")
+# Settings a resumed run must share with its checkpoint (grpo.py's, and the target)
+FIXED_ON_RESUME = ("seed", "model.path", "data.train", "data.shuffle", "sft.prompts_per_rank", "sft.target")
 
 
 def target_text(record, target):
@@ -119,17 +120,7 @@ def check_config(cfg):
 def train(cfg):
     """The whole supervised run in its own process group. Returns the last metrics."""
     check_config(cfg)
-    rank, world, device, mesh = training.init_distributed()
-    try:
-        return run(cfg, rank, world, device, mesh)
-    except BaseException:
-        if world > 1:  # end every rank with this message instead of a hang in a collective
-            print(f"[rank {rank}] {traceback.format_exc()}", file=sys.stderr, flush=True)
-            os._exit(1)
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return training.launch("sft.py", lambda *ctx: run(cfg, *ctx), cfg.sft.collective_timeout)
 
 
 def run(cfg, rank, world, device, mesh):
@@ -160,7 +151,8 @@ def run(cfg, rank, world, device, mesh):
     s = cfg.sft
 
     optimizer, scheduler = training.make_optimizer(policy, s)
-    start, extra, resumed_from = training.resume(s, policy, optimizer, scheduler, rank)
+    settings = config_lib.settings(cfg, ("model", "data", "sft"), ("sft.resume",))
+    start, extra, resumed_from = training.resume(s, policy, optimizer, scheduler, rank, settings, FIXED_ON_RESUME)
     nonfinite_run = 0
     if extra:
         nonfinite_run = extra["nonfinite_run"]
@@ -177,7 +169,7 @@ def run(cfg, rank, world, device, mesh):
         extra = {"step": step, "nonfinite_run": nonfinite_run, "scheduler": scheduler.state_dict(),
                  "data": stream.state_dict(), "rng": training.rng_state()}
         training.save_checkpoint(os.path.join(s.out_dir, "checkpoints"), step, policy, optimizer, extra, rank,
-                                 s.keep_checkpoints)
+                                 s.keep_checkpoints, meta={"settings": settings})
 
     print0(f"SFT (target {s.target}): {model_type} from {cfg.model.path}, {len(records)} videos, {world} ranks, "
            f"{s.steps} steps of {world * s.prompts_per_rank} videos")
@@ -189,7 +181,7 @@ def run(cfg, rank, world, device, mesh):
         scheduler.step()
         nonfinite_run = nonfinite_run + 1 if metrics["nonfinite"] else 0
         if nonfinite_run > s.max_nonfinite_steps:
-            raise RuntimeError(f"{nonfinite_run} steps in a row had a non-finite loss or gradient; "
+            raise training.StopRun(f"{nonfinite_run} steps in a row had a non-finite loss or gradient; "
                                "lower sft.lr")
         seconds = reduce([time.perf_counter() - t0], dist.ReduceOp.MAX)[0]
         metrics.update(lr=scheduler.get_last_lr()[0], tokens_s=metrics["tokens"] / seconds, time_step=seconds,
@@ -230,16 +222,7 @@ def summary(out, s):
 
 
 def main(argv):
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return
-    path = argv[0] if argv and "=" not in argv[0] else None
-    try:
-        cfg = config_lib.load_config(path, argv[1:] if path else argv)
-        check_config(cfg)
-    except config_lib.ConfigError as e:
-        sys.exit(f"config error: {e}")
-    train(cfg)
+    training.main("sft.py", argv, __doc__, check_config, train)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 import textwrap
+import traceback
 from datetime import timedelta
 
 import numpy as np
@@ -42,7 +43,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
+import config as config_lib
+import data
 import model as model_lib
+import rewards
 
 
 class CheckpointError(RuntimeError):
@@ -52,12 +56,64 @@ class CheckpointError(RuntimeError):
 class WorldSizeError(CheckpointError):
     """A checkpoint written by another number of ranks."""
 
+
+class StopRun(RuntimeError):
+    """A run that stops on purpose (too many non-finite steps, a judge that went away); the message says
+    what to do."""
+
+
+# What a user can fix: these end a run with their one-line message, anything else with a traceback
+USER_ERRORS = (config_lib.ConfigError, data.DataError, model_lib.ModelError, rewards.JudgeError,
+               CheckpointError, StopRun)
+
+
+def launch(program, run_fn, timeout):
+    """Start the process group, call run_fn(rank, world, device, mesh) and return what it returns. On an
+    error every rank ends, the others at their next collective or their timeout, instead of hanging: a
+    USER_ERRORS error prints "program: message" (once per rank that raised it), anything else its traceback;
+    with one process the error is raised to the caller."""
+    rank, world, device, mesh = init_distributed(timeout)
+    try:
+        return run_fn(rank, world, device, mesh)
+    except BaseException as e:
+        if world > 1:
+            why = f"{program}: {e}" if isinstance(e, USER_ERRORS) else traceback.format_exc()
+            print(f"[rank {rank}] {why}", file=sys.stderr, flush=True)
+            os._exit(1)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(program, argv, doc, check, train):
+    """A training program's command line: CONFIG [key=value ...], --help; a bad setting or a USER_ERRORS
+    error ends in one line on stderr (exit 1), an unknown option too (exit 2)."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: python {program} CONFIG.yaml [section.key=value ...]\n"
+              f"       torchrun --nproc_per_node N {program} CONFIG.yaml [section.key=value ...]\n\n{doc}")
+        return
+    if bad := [a for a in argv if a.startswith("-")]:
+        print(f"{program}: unknown option {bad[0]}; usage: python {program} CONFIG.yaml [section.key=value ...]"
+              " (--help for more)", file=sys.stderr)
+        sys.exit(2)
+    path = argv[0] if argv and "=" not in argv[0] else None
+    try:
+        cfg = config_lib.load_config(path, argv[1:] if path else argv)
+        check(cfg)
+        train(cfg)
+    except config_lib.ConfigError as e:
+        sys.exit(f"config error: {e}")
+    except USER_ERRORS as e:
+        sys.exit(f"{program}: {e}")
+
 # ----------------------------------------------------------------------------- distributed
 
 
-def init_distributed():
-    """Join the process group torchrun describes, or make a world of one."""
-    kw = {"timeout": timedelta(minutes=30)}
+def init_distributed(timeout=1800.0):
+    """Join the process group torchrun describes, or make a world of one. A collective that waits longer
+    than `timeout` seconds for a rank (one that died or hangs) raises on the ranks that wait."""
+    kw = {"timeout": timedelta(seconds=timeout)}
     if "RANK" not in os.environ:  # plain `python grpo.py`
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -335,30 +391,89 @@ def load_checkpoint(path, policy, optimizer, rank):
     return meta, extra
 
 
-def resume(run, policy, optimizer, scheduler, rank):
+def resume(run, policy, optimizer, scheduler, rank, settings=None, fixed=()):
     """Load the checkpoint run.resume names (auto: the newest complete one in run.out_dir/checkpoints, falling
     back to older ones when it does not load; never; or a path) -> (start step, extra, path), or
-    (0, None, None) for a fresh start. Every rank loads the checkpoint rank 0 chose."""
+    (0, None, None) for a fresh start. Every rank loads the checkpoint rank 0 chose.
+
+    `settings` ({dotted key: value}, as the checkpoint's meta.json records them) are compared with the
+    checkpoint's: a change of a `fixed` key stops the run (the checkpoint's state depends on it); any other
+    change is honoured from this step on (the optimizer's lr, betas and weight decay are set from `run`, not
+    taken from the checkpoint) and recorded in run.out_dir/changes.jsonl with the step. metrics.jsonl,
+    samples.jsonl and changes.jsonl are cut back to the start step, so that steps redone after a crash
+    appear once."""
     ckpt_dir = os.path.join(run.out_dir, "checkpoints")
-    if run.resume == "never":
-        return 0, None, None
-    candidates = complete_checkpoints(ckpt_dir) if run.resume == "auto" else [run.resume]
-    for k, path in enumerate(candidates):
+    candidates = [] if run.resume == "never" else complete_checkpoints(ckpt_dir) if run.resume == "auto" \
+        else [run.resume]
+    candidates = broadcast(candidates)
+    start, extra, path = 0, None, None
+    for k, candidate in enumerate(candidates):
         error = ""
         try:
-            meta, extra = load_checkpoint(path, policy, optimizer, rank)
+            meta, extra = load_checkpoint(candidate, policy, optimizer, rank)
         except WorldSizeError:
             raise
         except CheckpointError as e:
             error = str(e)
         if reduce([float(bool(error))], dist.ReduceOp.MAX)[0] == 0:
             scheduler.load_state_dict(extra["scheduler"])
-            return meta["step"], extra, path
+            start, path = meta["step"], candidate
+            _apply_changes(meta.get("settings", {}), settings or {}, fixed, run, optimizer, scheduler, start, rank)
+            break
         if run.resume != "auto":
-            raise CheckpointError(error or f"{path}: does not load on another rank")
-        print0(f"warning: {error or path + ' does not load on another rank'}; trying the checkpoint before it"
-               if k + 1 < len(candidates) else f"warning: {error}; no older checkpoint, starting fresh")
-    return 0, None, None
+            raise CheckpointError(error or f"{candidate}: does not load on another rank")
+        print0(f"warning: {error or candidate + ' does not load on another rank'}; trying the checkpoint before "
+               "it" if k + 1 < len(candidates) else f"warning: {error}; no older checkpoint, starting fresh")
+        extra = None
+    if rank == 0:
+        for name in ("metrics.jsonl", "samples.jsonl", "changes.jsonl"):
+            cut_jsonl(os.path.join(run.out_dir, name), start)
+    return start, extra, path
+
+
+def broadcast(obj):
+    """Rank 0's `obj` on every rank (rank 0 decides what is on disk; a node may see another disk)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _apply_changes(saved, now, fixed, run, optimizer, scheduler, step, rank):
+    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+    refused = [k for k in changed if k in fixed]
+    if refused:
+        raise CheckpointError("; ".join(f"{k} was {changed[k][0]!r} in the checkpoint at step {step}, now "
+                                        f"{changed[k][1]!r}" for k in refused)
+                              + f": the checkpoint's state depends on {'it' if len(refused) == 1 else 'them'}. "
+                              "Set it back, or start a new run (resume=never or another out_dir)")
+    factor = lr_factor(step, run)
+    for group in optimizer.param_groups:  # the settings, not the checkpoint's copy of them
+        group.update(initial_lr=run.lr, lr=run.lr * factor, betas=tuple(run.adam_betas),
+                     weight_decay=run.weight_decay)
+    scheduler.base_lrs = [run.lr] * len(optimizer.param_groups)
+    scheduler._last_lr = [run.lr * factor] * len(optimizer.param_groups)
+    if changed and rank == 0:
+        print(f"resume: settings changed since the checkpoint, honoured from step {step} on: "
+              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), flush=True)
+        with open(os.path.join(run.out_dir, "changes.jsonl"), "a") as f:
+            f.writelines(json.dumps({"step": step, "key": k, "old": a, "new": b}) + "\n"
+                         for k, (a, b) in changed.items())
+
+
+def cut_jsonl(path, step):
+    """Keep the lines of a run's JSONL log whose "step" is at most `step`; a line torn by a crash goes too.
+    Written beside and renamed: the log is old or new, never half."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    _fsync_write(path, lambda f: f.write("".join(keep).encode()))
 
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
@@ -476,23 +591,10 @@ def side_by_side(samples, score, width=46):
 
 
 def check_run(run, section, data_cfg):
-    """The problems of a RunConfig (`section`: train or sft) that the types allow but the loop does not."""
+    """The problems of a RunConfig (`section`: train or sft) beyond the ranges config.validate checks."""
     problems = []
-    for key in ("prompts_per_rank", "micro_batch_size", "epochs", "log_every"):
-        if getattr(run, key) < 1:
-            problems.append(f"{section}.{key} must be >= 1, got {getattr(run, key)}")
-    for key in ("steps", "warmup_steps", "checkpoint_every", "keep_checkpoints", "eval_every",
-                "max_nonfinite_steps", "weight_decay", "grad_clip"):
-        if getattr(run, key) < 0:
-            problems.append(f"{section}.{key} must be >= 0, got {getattr(run, key)}")
-    if not run.lr > 0 or not math.isfinite(run.lr):
-        problems.append(f"{section}.lr must be > 0, got {run.lr}")
     if run.lr_schedule not in ("constant", "cosine", "linear"):
         problems.append(f"{section}.lr_schedule must be constant, cosine or linear, got {run.lr_schedule!r}")
-    if not 0 <= run.min_lr_ratio <= 1:
-        problems.append(f"{section}.min_lr_ratio must be in [0, 1], got {run.min_lr_ratio}")
-    if len(run.adam_betas) != 2 or not all(0 <= b < 1 for b in run.adam_betas):
-        problems.append(f"{section}.adam_betas must be two numbers in [0, 1), got {run.adam_betas}")
     if run.resume not in ("auto", "never") and not os.path.isdir(run.resume):
         problems.append(f"{section}.resume must be auto, never or a checkpoint folder; {run.resume!r} is none")
     if run.eval_every and not data_cfg.val:

@@ -49,3 +49,34 @@ def test_save_config_round_trips(tmp_path):
     cfg = load_config(CONFIG, ["judge.prompts={entail: my.txt}", "seed=3"])
     config.save_config(cfg, tmp_path / "c.yaml")
     assert config.to_dict(load_config(tmp_path / "c.yaml")) == config.to_dict(cfg)
+
+
+def test_every_numeric_key_has_a_range():
+    """config.validate checks every int and float key (seed takes any integer): none was forgotten."""
+    numeric = {k for k, v in config.settings(config.Config(), [f.name for f in config.dataclasses.fields(
+        config.Config)]).items() if isinstance(v, (int, float)) and not isinstance(v, bool)} - {"seed"}
+    covered = {f"{section}.{key}" for section, keys in config.RANGES.items() for key in keys}
+    assert numeric - covered == set()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.grad_clip=-1", "train.grad_clip must be >= 0, got -1"),
+    ("reward.event.delta1=0.4", "reward.event.delta1=0.4 must not exceed reward.event.delta2=0.35"),
+    ("judge.retries=-1", "judge.retries must be >= 0"),
+    ("judge.timeout=0", "judge.timeout must be > 0"),
+    ("reward.think_weight=-1", "reward.think_weight must be >= 0"),
+    ("sampling.group_size=1", "sampling.group_size must be >= 2"),
+    ("sampling.temperature=0", "sampling.temperature must be > 0"),
+    ("train.lr=.nan", "train.lr must be > 0, got nan"),
+    ("sft.adam_betas=[0.9, 1.5]", "sft.adam_betas must be two numbers in [0, 1)"),
+    ("reward.cn.completeness_weight=0", None),
+    ("data.min_frames=20", "data.min_frames=20 must not exceed data.max_frames=16"),
+])
+def test_out_of_range_values_are_refused_with_the_key(override, message):
+    if message is None:  # one weight of two may be 0; both may not
+        load_config(CONFIG, [override])
+        with pytest.raises(ConfigError, match="reward.cn: its weights must not all be 0"):
+            load_config(CONFIG, [override, "reward.cn.naturalness_weight=0"])
+        return
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[").replace(")", r"\)")):
+        load_config(CONFIG, [override])

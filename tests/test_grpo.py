@@ -1,6 +1,8 @@
 """grpo.py end to end: it learns, FSDP matches one process, resume is exact, the demo runs."""
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from safetensors.torch import load_file
 import config
 import grpo
 import model
+import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "demo.yaml")
@@ -177,3 +180,85 @@ def test_bad_configs_fail_clearly(tmp_path, override, message):
     proc = run_grpo(["demo.yaml", f"train.out_dir={tmp_path}", "model.build_tiny=", override], timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_changed_setting_is_honoured_and_recorded_or_refused(tiny_model_dir, tmp_path):
+    path = tiny_model_dir("qwen2_vl")
+    reward_fn = letters_reward(path)
+    common = [*LEARN[1:], "train.checkpoint_every=2"]
+    grpo.train(demo_cfg(path, tmp_path, *common, "train.steps=2", "train.lr=1e-3"), reward_fn=reward_fn)
+    grpo.train(demo_cfg(path, tmp_path, *common, "train.steps=4", "train.lr=2e-3"), reward_fn=reward_fn)
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [m["lr"] for m in lines] == [1e-3, 1e-3, 2e-3, 2e-3]  # the new lr, not the checkpoint's
+    changes = [json.loads(line) for line in open(tmp_path / "changes.jsonl")]
+    assert {"step": 2, "key": "train.lr", "old": 1e-3, "new": 2e-3} in changes
+    assert {"step": 2, "key": "train.steps", "old": 2, "new": 4} in changes
+    with pytest.raises(training.CheckpointError, match="seed was 0 in the checkpoint at step 4, now 7.*resume=never"):
+        grpo.train(demo_cfg(path, tmp_path, *common, "train.steps=6", "seed=7"), reward_fn=reward_fn)
+
+
+def test_steps_redone_after_a_crash_are_logged_once(tiny_model_dir, tmp_path):
+    path = tiny_model_dir("qwen2_vl")
+    reward_fn = letters_reward(path)
+    common = [*LEARN[1:], "train.checkpoint_every=2"]
+    grpo.train(demo_cfg(path, tmp_path, *common, "train.steps=3"), reward_fn=reward_fn)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000003")  # killed after logging step 3, before its checkpoint
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "rew')  # and a line torn by the kill
+    grpo.train(demo_cfg(path, tmp_path, *common, "train.steps=4"), reward_fn=reward_fn)
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        steps = [json.loads(line)["step"] for line in open(tmp_path / name)]
+        assert steps == [1, 2, 3, 4], (name, steps)
+
+
+def test_a_judge_gone_for_good_stops_the_run_with_a_checkpoint(tiny_model_dir, tmp_path, capsys):
+    path = tiny_model_dir("qwen2_vl")
+    letters = letters_reward(path)
+
+    def judge_down_from_step_3(texts, records, roll, calls=[]):
+        calls.append(1)
+        reward, parts, stats = letters(texts, records, roll)
+        return (reward * math.nan if len(calls) >= 3 else reward), parts, stats
+    cfg = demo_cfg(path, tmp_path, *LEARN, "judge.failed_window=2", "judge.max_failed_share=0.5")
+    with pytest.raises(grpo.JudgeOutage, match="judging failed for 100% of the groups of the last 2 steps.*"
+                                                "checkpoint is written at step 4"):
+        grpo.train(cfg, reward_fn=judge_down_from_step_3)
+    assert os.listdir(tmp_path / "checkpoints") == ["step-000004"]
+    assert "groups dropped from the loss: 4 of 8: 4 because a judge call failed" in capsys.readouterr().out
+
+
+def test_commands_answer_help_and_refuse_unknown_options():
+    for command in (["grpo.py"], ["sft.py"], ["evaluate.py"], ["data.py", "prepare"], ["data.py", "check"],
+                    ["data.py"], ["bench.py"]):
+        proc = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, cwd=ROOT,
+                              timeout=60)
+        assert proc.returncode == 0 and "usage" in proc.stdout.lower(), (command, proc.stdout[-500:], proc.stderr)
+    for command in (["grpo.py", "demo.yaml"], ["sft.py", "demo.yaml"], ["evaluate.py", "demo.yaml"]):
+        proc = subprocess.run([sys.executable, *command, "--frobnicate"], capture_output=True, text=True,
+                              cwd=ROOT, timeout=60)
+        assert proc.returncode == 2 and "--frobnicate" in proc.stderr and len(proc.stderr.splitlines()) == 1, \
+            (command, proc.stderr)
+
+
+HANG = """
+import os, sys, time, torch.distributed as dist, training
+rank, world, device, mesh = training.init_distributed(timeout=float(sys.argv[1]))
+if rank == 1:
+    time.sleep(120)  # a rank that stops responding
+start = time.time()
+try:
+    training.reduce([1.0])
+except Exception as e:
+    print(f"rank {rank} stopped waiting after {time.time() - start:.0f} s: {type(e).__name__}", flush=True)
+    os._exit(3)
+"""
+
+
+def test_the_collective_timeout_ends_a_wait_for_a_hung_rank(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text(HANG)
+    start = time.time()
+    proc = subprocess.run(TORCHRUN + ["--nproc_per_node=2", str(script), "5"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=100, env={**os.environ, "PYTHONPATH": ROOT})
+    assert "rank 0 stopped waiting after" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert proc.returncode != 0 and time.time() - start < 90
