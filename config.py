@@ -25,6 +25,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = "models/Qwen2-VL-7B-Instruct"
     build_tiny: str = ""
+    tiny_vocab: int = 0
+    tiny_hidden: int = 64
+    tiny_layers: int = 2
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = True
@@ -118,6 +121,7 @@ class RunConfig:
     epochs: int = 1
     prompts_per_rank: int = 1
     micro_batch_size: int = 2
+    replicate: int = 1
     lr: float = 1e-6
     lr_schedule: str = "constant"
     warmup_steps: int = 0
@@ -166,6 +170,7 @@ class EvalConfig:
     annotations: str = ""
     video_dir: str = ""
     model: str = ""
+    baseline: str = ""
     out_dir: str = "runs/eval"
     predictions: str = ""
     score_only: bool = False
@@ -283,12 +288,15 @@ def _at_least(n):
 # Every numeric key and the values it takes (NaN takes none); tests/test_config.py checks that none is missing.
 # The run sections' keys are listed once for train and sft alike.
 _RUN = {"steps": _NON_NEGATIVE, "epochs": _POSITIVE, "prompts_per_rank": _POSITIVE, "micro_batch_size": _POSITIVE,
+        "replicate": _POSITIVE,
         "lr": _POSITIVE, "warmup_steps": _NON_NEGATIVE, "min_lr_ratio": _SHARE, "weight_decay": _NON_NEGATIVE,
         "adam_betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
         "grad_clip": _NON_NEGATIVE,
         "checkpoint_every": _NON_NEGATIVE, "keep_checkpoints": _NON_NEGATIVE, "log_every": _POSITIVE,
         "eval_every": _NON_NEGATIVE, "max_nonfinite_steps": _NON_NEGATIVE, "collective_timeout": _POSITIVE}
 RANGES = {
+    "model": {"tiny_vocab": _NON_NEGATIVE, "tiny_hidden": (lambda v: v > 0 and v % 64 == 0, "must be a multiple of 64"),
+              "tiny_layers": _POSITIVE},
     "data": {"fps": _POSITIVE, "min_frames": _at_least(1), "max_frames": _at_least(2), "min_pixels": _POSITIVE,
              "max_pixels": _POSITIVE, "video_max_pixels": _POSITIVE, "total_pixels": _POSITIVE,
              "max_bad_fraction": _SHARE, "max_prompt_tokens": _POSITIVE},

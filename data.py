@@ -127,10 +127,11 @@ def _subjects(value, where):
     return out
 
 
-def load_records(path) -> list[Record]:
+def load_records(path, require=None) -> list[Record]:
     """Read and validate a JSONL training set: one object a line with `video` and `caption`, optional
     `id`, `subjects` and `events` (null = absent). Blank lines are skipped; anything else that is not
-    exactly the schema, and a repeated id, stops with FILE:LINE."""
+    exactly the schema, a repeated id, and a record lacking a field of `require` ({field: the setting
+    that needs it}, e.g. rewards.required_fields) stops with FILE:LINE, before any model loads."""
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file; set data.train to the training JSONL")
@@ -156,6 +157,10 @@ def load_records(path) -> list[Record]:
                 raise DataError(f"{where}: duplicate id {rid!r} (first on line {first_line[rid]})")
             first_line[rid] = n
             subjects, events = obj.get("subjects"), obj.get("events")
+            for key, setting in (require or {}).items():
+                if obj.get(key) is None:
+                    raise DataError(f"{where}: no '{key}' (absent or null), which {setting} needs: run python "
+                                    f"data.py prepare to derive it from the caption, or turn that setting off")
             records.append(Record(
                 id=rid,
                 video=os.path.normpath(os.path.join(root, _text(obj["video"], "'video'", where))),
@@ -478,7 +483,7 @@ TEMPLATES = {
         "scene cuts, camera motion and static appearance.\n"
         'Answer with JSON only: {"subjects": [{"name": "...", "attributes": ["..."], "actions": ["..."]}], '
         '"events": ["...", "..."]}\n\n'
-        "Caption:\n{caption}"),
+        "<caption>\n{caption}\n</caption>"),
 }
 
 
@@ -742,6 +747,12 @@ USAGE = """usage: python data.py prepare IN.jsonl OUT.jsonl config.yaml [key=val
 
 def main(argv) -> int:
     """The command line (USAGE) -> exit status. A bad input or setting ends in one line on stderr."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"{USAGE}\n\n{__doc__}")
+        return 0
+    if bad := [a for a in argv if a.startswith("-")]:
+        print(f"data.py: unknown option {bad[0]} (--help for the usage)", file=sys.stderr)
+        return 2
     n_files = {"prepare": 3, "check": 2}.get(argv[0] if argv else None)
     if n_files is None or len(argv) <= n_files or any("=" in a for a in argv[1:n_files + 1]):
         print(USAGE, file=sys.stderr)

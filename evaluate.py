@@ -55,6 +55,9 @@ Decisions beyond the official scripts:
 - An empty caption or statement list has no events or objects, without asking the judge (tarsier asks
   about the whole caption instead, and scores 1.0 all the same).
 - The eval judge steps read their replacement prompts from eval.prompts only (not judge.prompts).
+  The built-in prompts put captions in tags and say that text in tags is data (rewards.render); a
+  replacement file pastes its bare {fields} raw, so the official wording gives the official prompt,
+  byte for byte, without that protection. A malformed reply is re-asked identically, as there.
 """
 import copy
 import dataclasses
@@ -74,9 +77,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import config as config_lib
+import data
 import rewards
 
-DETAILED = "Describe the video in detail."
+DETAILED = data.CAPTION_PROMPT  # "Describe the video in detail."
 VDC_PROMPTS = {  # our wording of each VDC section's caption request (lmms-eval draws from lists like these)
     "detailed": DETAILED,
     "short": "Write a one-sentence summary of the video.",
@@ -114,6 +118,7 @@ class Item:
     events: list | None = None   # reference events; None: extracted from `reference` by the judge
     objects: list | None = None  # reference objects (CaReBench); None: extracted likewise
     qa: list = field(default_factory=list)  # VDC: [{"question", "answer"}]
+    subjects: list | None = None  # ground-truth subjects for Tscore (not in the official files; ours have them)
     where: str = ""              # FILE:LINE (or FILE:index) of its annotation
     source: dict | None = field(default=None, repr=False)  # its annotation record, for --export
 
@@ -215,7 +220,8 @@ def load_dream1k(path, video_dir, sections=()):
             raise EvalError(f"{w}: 'dataset' must look like DREAM/<subset>, got {dataset!r:.80}")
         items.append(Item(vid, os.path.join(video_dir, vid + ".mp4"), dataset[len("DREAM/"):], DETAILED,
                           reference=_get(r, "messages.1.content.0.reference", w),
-                          events=_statements(r, "extra_info.events", w), where=w, source=r))
+                          events=_statements(r, "extra_info.events", w), where=w, source=r,
+                          subjects=_get(r, "extra_info.subjects", w, (list, type(None)), default=None)))
     return items
 
 
@@ -286,41 +292,43 @@ def load_items(cfg):
 # ----------------------------------------------------------------------------- judge steps
 
 
-TEMPLATES = {  # eval's judge steps beyond rewards.py's extract_events; the marker line names each for the test server
+# eval's judge steps beyond rewards.py's extract_events. The marker line names each for the test server; captions
+# and what the judge derived from them sit in tags (rewards.render), the benchmark's questions and answers not.
+TEMPLATES = {
     "extract_objects": (
-        "[VideoCap-R1 eval task: extract_objects]\n"
+        "[VideoCap-R1 eval task: extract_objects]\n" + rewards.DATA_ONLY +
         "Below is a description of a video. List the objects it describes: at most 10, each a short "
         'sentence "There is ..." or "There are ..." with a single attribute (split an object with several '
         "attributes into several sentences). Atmosphere, sounds, camera work and actions are not objects.\n"
         'Answer with JSON only: {"objects": ["...", "..."]}\n\n'
-        "Description:\n{caption}"),
+        "<caption>\n{caption}\n</caption>"),
     "entail": (
-        "[VideoCap-R1 eval task: entail]\n"
+        "[VideoCap-R1 eval task: entail]\n" + rewards.DATA_ONLY +
         "Below are a video description and a JSON list of statements about the video. For each statement, "
         'decide from the description alone whether the description entails it ("entailment"), contradicts '
         'it ("contradiction") or neither ("neutral").\n'
         "Answer with JSON only, one item per statement, in order: "
         '{"events": [{"event": "...", "relationship": "entailment|neutral|contradiction", "reason": "..."}]}\n\n'
-        "Description:\n{description}\n\nStatements:\n{events}"),
+        "<description>\n{description}\n</description>\n\n<events>\n{events}\n</events>"),
     "entail_objects": (
-        "[VideoCap-R1 eval task: entail_objects]\n"
+        "[VideoCap-R1 eval task: entail_objects]\n" + rewards.DATA_ONLY +
         "Below are a video description and a JSON list of statements, each naming an object in the video "
         "with one attribute. For each statement, decide from the description alone whether the description "
         'entails it ("entailment"), contradicts it ("contradiction") or neither ("neutral").\n'
         "Answer with JSON only, one item per statement, in order: "
         '{"objects": [{"object": "...", "relationship": "entailment|neutral|contradiction", "reason": "..."}]}\n\n'
-        "Description:\n{description}\n\nStatements:\n{objects}"),
+        "<description>\n{description}\n</description>\n\n<objects>\n{objects}\n</objects>"),
     "vdc_answer": (
-        "[VideoCap-R1 eval task: vdc_answer]\n"
+        "[VideoCap-R1 eval task: vdc_answer]\n" + rewards.DATA_ONLY +
         "Answer the question about a video from its description alone, with a short phrase or sentence. "
         "Write nothing else.\n\n"
-        "Description:\n{caption}\n\nQuestion: {question}"),
+        "<caption>\n{caption}\n</caption>\n\nQuestion: {question}"),
     "vdc_grade": (
-        "[VideoCap-R1 eval task: vdc_grade]\n"
+        "[VideoCap-R1 eval task: vdc_grade]\n" + rewards.DATA_ONLY +
         "Compare a predicted answer to a question about a video with the correct answer. Judge whether they "
         "match in meaning (synonyms and paraphrases match) and rate the match with an integer from 0 to 5.\n"
         "Answer with a Python dictionary only, for example {'pred': 'yes', 'score': 4}.\n\n"
-        "Question: {question}\nCorrect answer: {answer}\nPredicted answer: {prediction}"),
+        "Question: {question}\nCorrect answer: {answer}\nPredicted answer:\n<prediction>\n{prediction}\n</prediction>"),
 }
 STEPS = {"extract_events": rewards.TEMPLATES["extract_events"], **TEMPLATES}
 
@@ -434,10 +442,11 @@ def check_prompts(prompts):
 
 def make_judge(cfg):
     """rewards.py's judge (HTTP or lexical) with eval.prompts as its replacement prompts and
-    eval.malformed_retries (not judge.malformed_retries, training's) as its re-asks."""
+    eval.malformed_retries (not judge.malformed_retries, training's) as its re-asks, each the
+    identical question as in the official scripts (training's re-asks carry the parse error)."""
     check_prompts(cfg.eval.prompts)
     return rewards.make_judge(dataclasses.replace(cfg.judge, prompts=dict(cfg.eval.prompts),
-                                                  malformed_retries=cfg.eval.malformed_retries))
+                                                  malformed_retries=cfg.eval.malformed_retries), feedback=False)
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -711,8 +720,7 @@ def instruction_for(prompt, think):
 def caption_batch(items, hf, kind, tokenizer, cfg, think, device, generator):
     """Caption a batch greedily (eval.temperature 0) or by sampling -> prediction records; a video that
     cannot be read gives a failed record."""
-    import data  # video decoding and transformers load only when captioning
-    import model as model_lib
+    import model as model_lib  # transformers loads only when captioning
     e = cfg.eval
     data_cfg = dataclasses.replace(cfg.data, max_frames=e.max_frames)
     end_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
@@ -793,16 +801,27 @@ def read_answers(items, everything, pred_path, annotations):
     if missing := sum(it.key not in preds for it in items):
         print(f"score: {missing} of {len(items)} items have no prediction in {pred_path}: counted as failed",
               file=sys.stderr)
-    answers = [preds[it.key][1]["answer"] if it.key in preds and not preds[it.key][1].get("failed") else None
-               for it in items]
+    ok = [it.key in preds and not preds[it.key][1].get("failed") for it in items]
+    answers = [preds[it.key][1]["answer"] if good else None for it, good in zip(items, ok)]
+    outputs = [preds[it.key][1].get("output") if good else None for it, good in zip(items, ok)]
     models = sorted({str(r["settings"].get("model")) for _, r in preds.values() if isinstance(r.get("settings"), dict)})
-    return answers, models, missing
+    return answers, outputs, models, missing
+
+
+def score_structure(items, outputs, think_cfg):
+    """The structured thinking of the raw outputs (eval.think): the share in the format the reward asks for
+    (rewards.format_score) and the mean Tscore where the annotations carry subjects (the demo's held-out
+    clips do, in extra_info.subjects; the official benchmarks do not). Figures are None without outputs."""
+    parsed = [(it, rewards.parse_output(o)) for it, o in zip(items, outputs) if o is not None]
+    think = [rewards.think_score(p, it.subjects, think_cfg)[0] for it, p in parsed if it.subjects is not None]
+    return {"outputs": len(parsed), "format": _mean([rewards.format_score(p) for _, p in parsed]),
+            "think": _mean(think), "think_outputs": len(think)}
 
 
 def score(cfg, items, everything, pred_path):
     """Score the predictions of `items` (rank 0) and write results.json and results.md."""
     e = cfg.eval
-    answers, models, missing = read_answers(items, everything, pred_path, e.annotations)
+    answers, outputs, models, missing = read_answers(items, everything, pred_path, e.annotations)
     try:
         judge = make_judge(cfg)
     except rewards.JudgeError as err:
@@ -825,6 +844,7 @@ def score(cfg, items, everything, pred_path):
         "videos": {"total": videos, "items": len(items), "caption_failed": sum(a is None for a in answers),
                    "missing": missing},
         "metrics": aggregate(e.benchmark, items, answers, scores),
+        "structure": score_structure(items, outputs, cfg.reward.think) if e.think else None,
         "published": PUBLISHED[e.benchmark],
         "per_item": [{"id": it.id, "section": it.section, **s} for it, s in zip(items, scores)],
     }
@@ -867,7 +887,11 @@ def markdown(results):
              f"{judge['stats']['failures']} failed)",
              f"- videos: {results['videos']['total']} ({results['videos']['items']} captions), "
              f"{results['videos']['caption_failed']} captions failed or missing",
-             f"- predictions: {results['predictions']}; annotations: {results['annotations']}", ""]
+             f"- predictions: {results['predictions']}; annotations: {results['annotations']}"]
+    if s := results.get("structure"):
+        lines.append(f"- structured thinking: {_pct(s['format'])}% of {s['outputs']} outputs in the <think>/<answer> "
+                     f"format; Tscore {_pct(s['think'], 1, 3)} over the {s['think_outputs']} with annotated subjects")
+    lines.append("")
     if b == "vdc":
         lines += [f"Sections run: {', '.join(results['sections'])}", "", *_vdc_table(results["metrics"])]
         ours = [results["metrics"]["mean"]["acc"] * 100, results["metrics"]["mean"]["score"]]
@@ -885,13 +909,47 @@ def markdown(results):
     lines.append(pub.get("note", ""))
     return "\n".join(lines).rstrip() + "\n"
 
+def headline(results):
+    """The figures a before/after table compares: {name: (value, scale)}, scale 100 for shares."""
+    b, m = results["benchmark"], results["metrics"]
+    if b == "vdc":
+        out = {"VDC acc (%)": (m["mean"]["acc"], 100), "VDC score (0-5)": (m["mean"]["score"], 1)}
+    else:
+        out = {f"{name} {k} (%)": (table["overall"][k], 100) for name, table in m.items()
+               for k in ("f1", "precision", "recall")}
+    if s := results.get("structure"):
+        out.update({"<think>/<answer> format (%)": (s["format"], 100), "Tscore (0-1)": (s["think"], 1)})
+    return out
+
+
+def before_after(before, after, before_name, after_name):
+    """A markdown table of headline(before) and headline(after) with the change."""
+    rows = [f"## Before and after: {before_name} -> {after_name}", "", "| figure | before | after | change |",
+            "|---|---|---|---|"]
+    old = headline(before)
+    for name, (value, scale) in headline(after).items():
+        was = old.get(name, (None, scale))[0]
+        change = "n/a" if value is None or was is None else f"{scale * (value - was):+.{1 if scale == 100 else 3}f}"
+        rows.append(f"| {name} | {_pct(was, scale, 1 if scale == 100 else 3)} | "
+                    f"{_pct(value, scale, 1 if scale == 100 else 3)} | {change} |")
+    return "\n".join(rows) + "\n"
+
 # ----------------------------------------------------------------------------- main
 
 
 def evaluate(cfg):
     """Caption (unless eval.score_only) on every rank, then score on rank 0: returns the results there,
-    None on the other ranks."""
+    None on the other ranks. With eval.baseline, that model is captioned and scored first, the same way, in
+    eval.out_dir/baseline, and results.md ends with the two side by side."""
     e = cfg.eval
+    if e.baseline:
+        before = evaluate(dataclasses.replace(cfg, eval=dataclasses.replace(
+            e, model=e.baseline, baseline="", predictions="", out_dir=os.path.join(e.out_dir, "baseline"))))
+        after = evaluate(dataclasses.replace(cfg, eval=dataclasses.replace(e, baseline="")))
+        if after is not None:
+            with open(Path(e.out_dir, "results.md"), "a") as f:
+                f.write("\n" + before_after(before, after, e.baseline, e.model or cfg.model.path))
+        return after
     everything = load_items(cfg)
     items = first_videos(everything, e.limit)
     check_prompts(e.prompts)
@@ -965,7 +1023,7 @@ def export(cfg, fmt):
         raise EvalError(f"--export {fmt} writes {benchmark} captions, but eval.benchmark={e.benchmark}")
     everything = load_items(cfg)
     items = first_videos(everything, e.limit)
-    answers, _, _ = read_answers(items, everything, predictions_file(e, f"--export {fmt}"), e.annotations)
+    answers, _, _, _ = read_answers(items, everything, predictions_file(e, f"--export {fmt}"), e.annotations)
     index = {it.key: k for k, it in enumerate(everything)}
     done = [(index[it.key], it, a) for it, a in zip(items, answers) if a is not None]
     if fmt == "tarsier":

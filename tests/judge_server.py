@@ -8,15 +8,22 @@ In tests (tests/conftest.py has a fixture):
     server = JudgeServer(); server.start()          # on a free port of 127.0.0.1
     server.fail("500", "429")                       # the next two chat requests fail so
     server.reply = fn                               # fn(prompt) -> reply text, for a test's own prompts
-    ... server.requests, server.max_in_flight ...   # counters
+    server.listed = []                              # /models lists these (default [model]): on-demand loading
+    server.key = "sk-..."                           # every request needs this bearer key, else 401
+    server.echo_headers = True                      # every body quotes the request's headers, as a careless proxy
+    ... server.requests, server.max_in_flight ...   # counters; server.bodies: every chat request's JSON
     server.stop()
+
+`prompt` is the first message's content: a re-ask with feedback (question, reply, parse error)
+is answered as the question.
 
 Failure modes, one per chat request, in order: "500", "429" (with Retry-After:
 server.retry_after), "400", "stall" (sleep server.stall, then answer), "malformed" (reply
 text that is not JSON), "wrong_count" (one judged event missing), "badbody" (HTTP body
 that is not JSON), "python" (the right answer in Python-dict quoting), "fenced" (in a
 ``` fence), "echo_key" (400 quoting the Authorization header, as a careless server
-might). A request naming another model gets 404 like vLLM.
+might), "length" (the reply cut in half, finish_reason "length", as at max_tokens). A
+request naming another model gets 404 like vLLM.
 """
 import argparse
 import json
@@ -78,11 +85,13 @@ class JudgeServer(ThreadingHTTPServer):
     def __init__(self, port=0, model="judge-test", latency=0.0, models_endpoint=True):
         super().__init__(("127.0.0.1", port), _Handler)
         self.model, self.latency, self.models_endpoint = model, latency, models_endpoint
+        self.listed, self.key, self.echo_headers = [model], None, False
         self.stall, self.retry_after = 1.0, 0
         self.reply = answer_prompt
         self.plan = deque()
         self.requests = self.in_flight = self.max_in_flight = 0
         self.seen = []  # (Authorization header, prompt) of every chat request
+        self.bodies = []
         self.lock = threading.Lock()
 
     @property
@@ -122,10 +131,22 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # the client gave up (a stall past its timeout)
             pass
 
+    def _refused(self):
+        """401 when the server wants a key and the request lacks it; an echoing proxy quotes the headers."""
+        auth = self.headers.get("Authorization")
+        if self.server.key and auth != f"Bearer {self.server.key}":
+            self._send(401, {"error": {"message": "Incorrect API key provided" if auth else "No API key provided"}})
+            return True
+        return False
+
     def do_GET(self):
         srv = self.server
+        if self._refused():
+            return
+        if srv.echo_headers:
+            return self._send(200, {"echo": f"Authorization: {self.headers.get('Authorization')}"})
         if self.path.endswith("/models") and srv.models_endpoint:
-            return self._send(200, {"object": "list", "data": [{"id": srv.model, "object": "model"}]})
+            return self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in srv.listed]})
         self._send(404, {"error": {"message": f"no route {self.path}"}})
 
     def do_POST(self):
@@ -136,8 +157,9 @@ class _Handler(BaseHTTPRequestHandler):
             srv.in_flight += 1
             srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
             mode = srv.plan.popleft() if srv.plan else None
-            prompt = (body.get("messages") or [{}])[-1].get("content", "")
+            prompt = (body.get("messages") or [{}])[0].get("content", "")
             srv.seen.append((self.headers.get("Authorization"), prompt))
+            srv.bodies.append(body)
         try:
             time.sleep(srv.latency)
             self._answer(srv, body, prompt, mode)
@@ -148,6 +170,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, srv, body, prompt, mode):
         if not self.path.endswith("/chat/completions"):
             return self._send(404, {"error": {"message": f"no route {self.path}"}})
+        if self._refused():
+            return
         if body.get("model") != srv.model:
             return self._send(404, {"error": {"message": f"The model `{body.get('model')}` does not exist.",
                                               "type": "NotFoundError", "code": 404}})
@@ -163,6 +187,8 @@ class _Handler(BaseHTTPRequestHandler):
         if mode == "stall":
             time.sleep(srv.stall)
         content = srv.reply(prompt)
+        if srv.echo_headers:
+            content = f"echo: Authorization: {self.headers.get('Authorization')}"
         if mode == "malformed":
             content = "Sure! Mostly entailment, I think."
         elif mode == "wrong_count":
@@ -172,8 +198,10 @@ class _Handler(BaseHTTPRequestHandler):
             content = repr(json.loads(content))
         elif mode == "fenced":
             content = f"Here you are:\n```json\n{content}\n```"
+        elif mode == "length":
+            content = content[:len(content) // 2]
         self._send(200, {"id": "chatcmpl-test", "object": "chat.completion", "model": srv.model,
-                         "choices": [{"index": 0, "finish_reason": "stop",
+                         "choices": [{"index": 0, "finish_reason": "length" if mode == "length" else "stop",
                                       "message": {"role": "assistant", "content": content}}]})
 
 

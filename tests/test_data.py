@@ -434,6 +434,33 @@ def test_load_records_errors_cite_file_and_line(tmp_path, bad, line, message):
         data.load_records(path)
 
 
+def test_fields_the_rewards_need_are_required_at_load_time(tmp_path):
+    # null means absent, which data.py prepare fills in; a run whose rewards need the field stops at load time,
+    # naming the record, instead of in the middle of training (think_score raised without a name)
+    import rewards
+    from config import RewardConfig
+    path = write_jsonl(tmp_path, [GOOD, {**GOOD, "subjects": None}])
+    assert [r.subjects for r in data.load_records(path)] == [None, None]
+    need = rewards.required_fields(RewardConfig())
+    assert need == {"subjects": "reward.think_weight=1.0 (Tscore)"}
+    assert rewards.required_fields(RewardConfig(think_weight=0)) == {}
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: no 'subjects' (absent or null), which "
+                                                  "reward.think_weight=1.0 (Tscore) needs: run python data.py prepare")):
+        data.load_records(path, need)
+
+
+def test_grpo_stops_at_load_on_a_record_without_subjects(tmp_path):
+    import grpo
+    from config import load_config
+    clip = {"video": str(CLIPS / "red_square_right.mp4"), "caption": "A red square moves.", "subjects": None}
+    path = write_jsonl(tmp_path, [clip, clip])  # enough for a step: the old code crashed in it, naming no record
+    cfg = load_config(str(CLIPS.parent.parent / "demo.yaml"), [f"data.train={path}", f"model.path={tmp_path / 'm'}",
+                                                              f"train.out_dir={tmp_path / 'run'}", "train.warm_start=false"])
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: no 'subjects'")):
+        grpo.train(cfg)
+    assert not (tmp_path / "m").exists()  # before any model was built
+
+
 def test_load_records_missing_or_empty_file(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         data.load_records(tmp_path / "nope.jsonl")
@@ -560,9 +587,9 @@ def test_state_dict_resumes_exactly():
     b = stream(records, rank=1, world=2, per_rank=2)
     b.load_state_dict(state)
     assert take(b, 5) == expected
-    assert (b.epoch, b.position, b.bad, b.seen, b.warned) == (a.epoch, a.position, a.bad, a.seen, a.warned)
+    assert (b.epoch, b.consumed, b.bad, b.seen, b.warned) == (a.epoch, a.consumed, a.bad, a.seen, a.warned)
     with pytest.raises(DataError, match="saved data position"):
-        stream(records, rank=0, world=2, per_rank=2).load_state_dict(state)
+        stream(records, rank=1, world=2, per_rank=2, seed=4).load_state_dict(state)
 
 
 def test_bad_videos_are_skipped_counted_and_warned_once(capsys):

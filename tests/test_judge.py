@@ -6,6 +6,7 @@ import glob
 import json
 import math
 import socket
+import threading
 import time
 from types import SimpleNamespace
 
@@ -146,7 +147,8 @@ def test_requests_run_concurrently(judge_cfg, judge_server, concurrency):
 
 def test_health_check(judge_cfg, judge_server):
     make_judge(dataclasses.replace(judge_cfg, health_check=True))
-    with pytest.raises(JudgeError, match="does not serve model 'Qwen-72B'; it serves \\['judge-test'\\]"):
+    with pytest.raises(JudgeError, match="/models lists \\['judge-test'\\], not 'Qwen-72B', and a test request "
+                                         "for it failed: .*HTTP 404.*The model `Qwen-72B` does not exist.*Set judge.model"):
         make_judge(dataclasses.replace(judge_cfg, model="Qwen-72B", health_check=True))
     judge_server.models_endpoint = False  # falls back to one tiny chat call
     make_judge(dataclasses.replace(judge_cfg, health_check=True))
@@ -197,3 +199,106 @@ def test_api_key_is_sent_but_never_shown(judge_cfg, judge_server, tmp_path, monk
              *errors, *(open(f).read() for f in glob.glob(str(tmp_path / "*")))]
     assert "***" in judge.last_error
     assert not [s for s in shown if key in s]  # ... and we never show it
+
+
+# ---------------------------------------------------------------- real servers' ways (transformers serve, LiteLLM)
+
+def test_health_check_asks_a_model_that_models_does_not_list(judge_cfg, judge_server, capsys):
+    judge_server.listed = ["some-loaded-model"]  # a server that loads models on demand lists only loaded ones
+    make_judge(dataclasses.replace(judge_cfg, health_check=True))
+    assert judge_server.requests == 1  # one tiny chat request decided
+    assert "/models does not list 'judge-test' but the server answers for it" in capsys.readouterr().err
+
+
+def test_401_says_whether_a_key_was_sent(judge_cfg, judge_server, monkeypatch):
+    judge_server.key = "sk-the-right-one"
+    cfg = dataclasses.replace(judge_cfg, health_check=True)
+    monkeypatch.delenv("JUDGE_API_KEY", raising=False)
+    with pytest.raises(JudgeError, match=r"HTTP 401: no key was sent \(\$JUDGE_API_KEY is not set\)"):
+        make_judge(cfg)
+    with pytest.raises(JudgeError, match=r"no key was sent \(judge.api_key_env is empty\)"):
+        make_judge(dataclasses.replace(cfg, api_key_env=""))
+    judge = HTTPJudge(judge_cfg)  # no health check: the chat request says so too
+    assert judge.extract_events([CAPTION]) == [None] and "no key was sent" in judge.last_error
+    monkeypatch.setenv("JUDGE_API_KEY", "sk-a-wrong-one")
+    with pytest.raises(JudgeError, match=r"HTTP 401: the key in \$JUDGE_API_KEY was refused"):
+        make_judge(cfg)
+    monkeypatch.setenv("JUDGE_API_KEY", "sk-the-right-one")
+    assert make_judge(cfg).extract_events([CAPTION])[0] is not None
+
+
+def test_a_reply_cut_at_max_tokens_says_so(judge, judge_server):
+    judge_server.fail("length", "length", "length")
+    assert judge.entail([(CAPTION, EVENTS)]) == [None]
+    assert "truncated at judge.max_tokens=1024: raise it" in judge.last_error
+    assert "cut off at the length limit" in judge_server.bodies[-1]["messages"][-1]["content"]
+
+
+def test_a_malformed_reply_is_reasked_with_its_error_and_cached_as_the_question(judge_cfg, judge_server, tmp_path):
+    cfg = dataclasses.replace(judge_cfg, cache_dir=str(tmp_path))
+    judge_server.fail("malformed")
+    assert HTTPJudge(cfg).entail([(CAPTION, EVENTS)]) == [["entailment", "entailment", "neutral"]]
+    first, second = (b["messages"] for b in judge_server.bodies)
+    assert second[0] == first[0] and len(first) == 1
+    assert second[1] == {"role": "assistant", "content": "Sure! Mostly entailment, I think."}
+    assert second[2]["role"] == "user" and second[2]["content"].startswith(
+        "That reply could not be used: no JSON in the reply 'Sure! Mostly entailment, I think.'.")
+    again = HTTPJudge(cfg)  # the cache key is the question's, not the re-ask's
+    assert again.entail([(CAPTION, EVENTS)]) == [["entailment", "entailment", "neutral"]]
+    assert again.stats["cache_hits"] == 1 and judge_server.requests == 2
+    judge_server.fail("malformed")  # evaluate.py's switch: the official scripts re-ask the same bytes
+    HTTPJudge(judge_cfg, feedback=False).extract_events([CAPTION])
+    assert judge_server.bodies[-1] == judge_server.bodies[-2]
+
+
+def test_failures_are_counted_per_call(judge_cfg, judge_server, capsys):
+    # two threads ask at once (as data.py prepare does); each one's line counts its own requests
+    release = threading.Event()
+
+    def reply(prompt, lexical=judge_server.reply):
+        if "slow" in prompt:
+            release.wait(5)
+        return "not JSON" if "fails" in prompt else lexical(prompt)
+    judge_server.reply = reply
+    judge = with_cfg(judge_cfg, malformed_retries=0)
+    slow = threading.Thread(target=judge.extract_events, args=(["A slow man fails.", "A slow dog barks."],))
+    slow.start()
+    deadline = time.monotonic() + 5
+    while judge_server.in_flight < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert judge.extract_events(["A quick man fails."]) == [None]  # fails while the two slow ones wait
+    release.set()
+    slow.join()
+    lines = [x for x in capsys.readouterr().err.splitlines() if "requests failed" in x]
+    assert sorted(x.split(";")[0] for x in lines) == ["judge: 1 of 1 requests failed", "judge: 1 of 2 requests failed"]
+    assert judge.stats["failures"] == 2
+
+
+def test_a_timeout_names_the_setting(judge_cfg, judge_server):
+    judge_server.stall = 0.6
+    judge_server.fail("stall")
+    judge = with_cfg(judge_cfg, timeout=0.3, retries=0)
+    assert judge.extract_events([CAPTION]) == [None]
+    assert "ReadTimeout after judge.timeout=0.3 s" in judge.last_error
+
+
+def test_the_key_is_redacted_from_what_an_echoing_proxy_sends(judge_cfg, judge_server, tmp_path, monkeypatch,
+                                                               capsys):
+    key = "sk-test-0123456789-secret"
+    monkeypatch.setenv("JUDGE_API_KEY", key)
+    judge_server.key, judge_server.echo_headers = key, True  # /models and every reply quote our headers
+    cfg = dataclasses.replace(judge_cfg, cache_dir=str(tmp_path / "cache"), health_check=True)
+    judge = make_judge(cfg)  # /models is no model list: a tiny chat request decides
+    assert judge.extract_events([CAPTION]) == [None]  # "echo: Authorization: Bearer sk-...": no JSON
+    judge_server.echo_headers = False
+    judge_server.reply = lambda prompt: json.dumps({"events": [f"the header was Bearer {key}"]})
+    assert judge.extract_events(["Another caption."]) == [["the header was Bearer ***"]]
+    judge_server.models_endpoint, judge_server.key = False, "sk-another"  # 401 on the probe
+    with pytest.raises(JudgeError) as e:
+        make_judge(cfg)
+    assert key in json.dumps(judge_server.seen)  # the server really had it ...
+    captured = capsys.readouterr()
+    shown = [captured.out, captured.err, str(e.value), judge.last_error, json.dumps(judge.stats),
+             *(open(f).read() for f in glob.glob(str(tmp_path / "cache" / "*")))]
+    assert "***" in judge.last_error and len(shown) == 6  # one cache file: the reply that parsed
+    assert not [s for s in shown if key in s]  # ... and we never show or store it

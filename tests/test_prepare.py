@@ -89,6 +89,17 @@ def test_malformed_replies_end_in_the_rejects_file(tmp_path, judge_server, judge
     assert judge_server.requests == requests
 
 
+def test_the_key_never_reaches_the_rejects_file(tmp_path, judge_server, judge_cfg, monkeypatch):
+    key = "sk-test-0123456789-secret"
+    monkeypatch.setenv("JUDGE_API_KEY", key)
+    judge_server.key, judge_server.echo_headers = key, True  # every reply: "echo: Authorization: Bearer sk-..."
+    src, rows = write_input(tmp_path)
+    counts = data.prepare(src, tmp_path / "out.jsonl", Config(judge=dataclasses.replace(judge_cfg, malformed_retries=0)))
+    assert counts["rejected"] == len(rows) and key in json.dumps(judge_server.seen)
+    reasons = [r["reason"] for r in lines(tmp_path / "out.rejects.jsonl")]
+    assert all("Bearer ***" in r and key not in r for r in reasons), reasons[0]
+
+
 @pytest.mark.parametrize("reply, message", [
     ("Sure, here it is.", "no JSON"),
     ('{"subjects": [{"name": "man", "attributes": [], "actions": ["waves"]}]}', "'events' must be a list"),

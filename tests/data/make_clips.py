@@ -120,6 +120,31 @@ CLIPS = {
 }
 
 
+# Held-out clips (tests/data/heldout): new combinations of the same shapes, colours and motions, never trained
+# on. The demo scores its warm-start and GRPO models on them (`python evaluate.py demo.yaml`), laid out as the
+# official DREAM-1K file is: tarsier's JSONL with integer vids and <vid>.mp4 videos, plus our subjects in
+# extra_info for Tscore; val.jsonl holds the same clips in the training layout (train.eval_every).
+HELD_OUT = {
+    "orange_square_left": (64, 64, 16, lambda im, s: square(im, "orange", lerp(53, 10, s), 32, 7), dict(
+        caption="On a black background, a small orange square moves from the right side to the left side.",
+        subjects=[{"name": "square", "attributes": ["orange", "small"], "actions": ["moves from right to left"]}],
+        events=["An orange square moves from the right side to the left side."])),
+    "yellow_circle_grows": (64, 64, 20, lambda im, s: circle(im, "yellow", 32, 32, lerp(4, 26, s)), dict(
+        caption="A yellow circle in the centre of a black frame grows from a small dot until it fills most "
+                "of the frame.",
+        subjects=[{"name": "circle", "attributes": ["yellow", "in the centre"], "actions": ["grows larger"]}],
+        events=["A yellow circle grows larger in the centre of the frame."])),
+    "red_triangle_falls": (64, 64, 16, lambda im, s: triangle(im, "red", 32, lerp(10, 53, s), 9), dict(
+        caption="A red triangle falls from the top of the black frame to the bottom.",
+        subjects=[{"name": "triangle", "attributes": ["red"], "actions": ["falls from top to bottom"]}],
+        events=["A red triangle moves from the top to the bottom of the frame."])),
+    "green_circle_shrinks": (64, 64, 16, lambda im, s: circle(im, "green", 32, 32, lerp(26, 3, s)), dict(
+        caption="A large green circle in the middle of a black frame shrinks until it is a tiny dot.",
+        subjects=[{"name": "circle", "attributes": ["green", "large", "in the middle"], "actions": ["shrinks"]}],
+        events=["A green circle shrinks to a tiny dot."])),
+}
+
+
 def render(width, height, frames, draw):
     """(frames, height, width, 3) uint8, black, then frame i drawn on at s = i / (frames - 1)."""
     out = np.zeros((frames, height, width, 3), np.uint8)
@@ -150,7 +175,26 @@ def main():
         lines.append(json.dumps({"id": name, "video": f"{name}.mp4", **truth}))
     with open(os.path.join(HERE, "train.jsonl"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"wrote {len(CLIPS)} clips and train.jsonl to {HERE}")
+    held_out = os.path.join(HERE, "heldout")
+    os.makedirs(held_out, exist_ok=True)
+    dream, val = [], []
+    for vid, (name, (width, height, frames, draw, truth)) in enumerate(HELD_OUT.items(), 1):
+        write_mp4(os.path.join(held_out, f"{vid}.mp4"), render(width, height, frames, draw))
+        dream.append(json.dumps({
+            "messages": [{"role": "user", "content": [{"type": "video", "video": {"video_file": f"{vid}.mp4"}},
+                                                      {"type": "text", "text": "Describe the video in detail."}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": "",
+                                                            "reference": truth["caption"]}]}],
+            "dataset": "DREAM/shapes", "task": "video/caption", "idx": vid, "vid": vid,
+            "extra_info": {"duration": frames / FPS, "events": truth["events"], "n_events": len(truth["events"]),
+                           "subjects": truth["subjects"]}}))
+        val.append(json.dumps({"id": name, "video": f"{vid}.mp4", **truth}))
+    with open(os.path.join(held_out, "DREAM-1k.jsonl"), "w") as f:
+        f.write("\n".join(dream) + "\n")
+    with open(os.path.join(held_out, "val.jsonl"), "w") as f:
+        f.write("\n".join(val) + "\n")
+    print(f"wrote {len(CLIPS)} clips and train.jsonl to {HERE}, {len(HELD_OUT)} held-out clips, DREAM-1k.jsonl "
+          f"and val.jsonl to {held_out}")
 
 
 if __name__ == "__main__":
