@@ -1,7 +1,9 @@
-"""Speed and memory of the rollout and the log-prob pass, against the usual approach, in one process.
+"""Speed and memory of the rollout, the log-prob pass and the training passes, against the usual approach, in one
+process.
 
     python bench.py            # CPU figures (a few minutes on 2 cores); GPU figures too when CUDA is there
     python bench.py --quick    # small shapes, under a minute: what tests/test_bench.py runs
+    python bench.py --load     # section 5 alone: host memory at start-up under torchrun, 1, 2 and 4 ranks
 
 1. Rollout. model.generate (vision tower and prefill once per prompt, KV cache copied to the G rows) against
    HF generate with num_return_sequences=G (as Video-R1 and R1-V use it; in transformers 5.24 it runs the vision
@@ -16,17 +18,32 @@
 3. GPU only: decode tokens/s of a group of 8 after a 4K-token video prompt on a random model of Qwen2-VL-7B's
    shape in bf16, with the share of the memory-bandwidth bound (weights and KV cache read per step against the
    card's bandwidth), and the MFU of the policy's forward+backward with gradient checkpointing on ~4K tokens.
+4. Training passes. The reference log-probs (no grad) and the update's forward+backward (gradient
+   checkpointing on) of one group, per row (the prompt repeated G times, as the usual GRPO code runs them)
+   against prefix-shared (model.Policy with group_size: vision tower and prompt once per group), at about 1K
+   and 4K visual tokens, G = 8 completions of 256 tokens: time, peak memory above the weights and gradients,
+   and the largest log-prob and gradient differences. On the CPU shape in float32, and on a GPU on the 7B
+   shape in bf16 (where the differences are bf16 rounding).
+5. Start-up (--load, CPU): torchrun with 1, 2 and 4 ranks loads the policy and the reference (model.dtype auto:
+   both float32 on CPU) of a random Qwen2-VL of about 200M parameters, saved in bf16 as Qwen's checkpoints are,
+   the old way, every rank reading the whole model before sharding it, and as training.load_policy does, rank
+   0 reading and the others building on the meta device: each rank's resident high-water mark above the idle
+   process (after imports and joining the group), the part of it that is the rank's own shards (on a GPU they
+   are in GPU memory, not the host's), and the node's total. On a GPU (without --load): the reference's
+   log-prob pass held in bf16 against float32, as it ran before training.precision.
 
 The rollout prompts use grids whose frame count is at most their merged side: there transformers' own M-RoPE
 positions for the text after the video (which ignore the temporal axis, see model.rope_positions) coincide
 with Qwen's rule that model.py follows, so the two generators see the same positions.
 """
 import argparse
+import ctypes
 import math
 import time
 
 import torch
 
+import data
 import model as model_lib
 
 # Qwen2-VL's special tokens as offsets from <|endoftext|>, 151643 in its tokenizer; a small vocabulary holds them
@@ -44,6 +61,9 @@ SHAPES = {
                            vision_heads=2, vocab=151936),
     "quick": dict(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, depth=2, width=32, vision_heads=2,
                   vocab=2048),
+    # section 5's: about 200M parameters in the 7B's proportions (the lm_head 8% of the whole)
+    "load": dict(hidden=1024, layers=12, heads=16, kv_heads=4, mlp=2816, depth=8, width=512, vision_heads=8,
+                 vocab=16384),
     "7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, mlp=18944, depth=32, width=1280, vision_heads=16,
                vocab=152064),  # Qwen2-VL-7B-Instruct's config.json
 }
@@ -57,12 +77,13 @@ def special_ids(vocab):
     return {name: base + offset for name, offset in SPECIAL.items()}
 
 
-def random_model(shape, dtype, device, seed=0):
+def random_model(shape, dtype, device, seed=0, std=None):
     """A random Qwen2VLForConditionalGeneration of `shape` (SHAPES) in eval mode. Init std 0.2 on the small
-    shapes, as model.build_tiny: with the usual 0.02 the logits are near-uniform and greedy argmaxes can tie."""
+    shapes unless `std` says otherwise, as model.build_tiny: with the usual 0.02 the logits are near-uniform and
+    greedy argmaxes can tie."""
     from transformers import AutoConfig
     s = SHAPES[shape]
-    std = 0.02 if shape == "7b" else 0.2
+    std = std or (0.02 if shape == "7b" else 0.2)
     ids = special_ids(s["vocab"])
     text = dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"],
                 num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
@@ -187,13 +208,16 @@ def _status_kb(field):
 def measured(fn, device):
     """(seconds, peak bytes allocated while fn ran above what was allocated before, fn()). CUDA: the caching
     allocator's peak. CPU: Linux's resident-set high-water mark (VmHWM), reset just before (clear_refs 5);
-    torch's CPU allocator returns large blocks to the system at once, so this is the tensors' peak."""
+    torch's CPU allocator returns large blocks to the system at once, so this is the tensors' peak. Blocks
+    below glibc's mmap threshold (which grows to 32 MB once such blocks are freed) stay in its heap when freed,
+    and a run that fits in them would raise no high-water mark: malloc_trim hands them back first."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         seconds, out = timed(fn, device)
         return seconds, torch.cuda.max_memory_allocated() - base, out
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kb("VmRSS")
@@ -280,6 +304,176 @@ def card(table):
     return next((v for k, v in table.items() if k in name), None)
 
 
+# ----------------------------------------------------------------------------- 4. training passes
+
+def training_inputs(hf, visual_tokens, G, completion, seed=0):
+    """One video prompt (video_prompt), G completions of `completion` ordinary tokens and an advantage per
+    completion: (batch, ids (G, T), lengths (G,), adv (G,))."""
+    device = hf.device
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, special_ids(hf.config.text_config.vocab_size)["endoftext"], (G, completion), generator=g)
+    adv = torch.randn(G, generator=g)
+    return (video_prompt(hf, visual_tokens, device, seed), ids.to(device),
+            torch.full((G,), completion, device=device), adv.to(device))
+
+
+def training_pass(policy, inputs, shared, update):
+    """Log-probs (G, T) of one group: per row (the prompt repeated G times, data.repeat_batch) or prefix-shared
+    (model.Policy with group_size); update=True also runs the backward of a token-mean loss
+    -sum_it A_i * logp_it / tokens, the shape of GRPO's (at ratio 1)."""
+    batch, ids, lengths, adv = inputs
+    G = ids.shape[0]
+    if shared:
+        logp, _ = policy(batch, ids, lengths, 1.0, group_size=G)
+    else:
+        logp, _ = policy(data.repeat_batch(batch, G), ids, lengths, 1.0)
+    if update:
+        (-(adv[:, None] * logp).sum() / lengths.sum()).backward()
+    return logp.detach()
+
+
+def largest_relative_difference(grads, reference):
+    """The largest |g - g_ref| over every gradient entry, over the largest |g_ref|: the difference on the
+    gradient's own scale. (Relative to itself, a vision LayerNorm bias's gradient, a sum over every patch with
+    much cancellation, shows float32 rounding an order of magnitude larger, in both paths against float64.)"""
+    largest = max(float(r.abs().max()) for r in reference)
+    return max(float((g - r).abs().max()) for g, r in zip(grads, reference)) / largest
+
+
+def bench_training(hf, visual_tokens, G, completion):
+    """The reference log-probs (eval mode, no grad) and the update's forward+backward (train mode, gradient
+    checkpointing on, as grpo.py runs them) of one group, per row against prefix-shared: seconds, peak memory
+    above what was allocated before (the weights and, in the update, their gradients: the activations), the
+    largest log-prob difference and the largest relative gradient difference. The prefix-shared path runs first,
+    so that memory the allocator keeps from one run can only flatter the per-row figure."""
+    device = hf.device
+    policy = model_lib.Policy(hf)
+    inputs = training_inputs(hf, visual_tokens, G, completion)
+    L = inputs[0]["input_ids"].shape[1]
+    out = {"visual_tokens": visual_tokens, "per_row_tokens": G * (L + completion),
+           "shared_tokens": L + G * (completion - 1)}       # a completion's last token is not fed (model.pack_groups)
+    for name, update in (("reference", False), ("update", True)):
+        hf.train(update).requires_grad_(update)
+        if update:
+            hf.activation_checkpointing_enable()
+        runs = {}
+        with torch.set_grad_enabled(update):
+            for shared in (True, False):
+                training_pass(policy, training_inputs(hf, 64, 2, 4, seed=1), shared, update)   # warm-up; grads
+                hf.zero_grad(set_to_none=False)                           # stay allocated: not counted as peak
+                seconds, peak, logp = measured(lambda: training_pass(policy, inputs, shared, update), device)
+                grads = [p.grad.clone() for p in hf.parameters()] if update else None
+                runs[shared] = seconds, peak, logp, grads
+        (shared_s, shared_b, shared_logp, shared_grads), (row_s, row_b, row_logp, row_grads) = runs[True], runs[False]
+        out[name] = {"per_row_s": row_s, "shared_s": shared_s, "per_row_gb": row_b / 2**30,
+                     # below a MiB the resident-set measure (CPU) sees nothing: no ratio
+                     "shared_gb": shared_b / 2**30, "memory_ratio": row_b / shared_b if shared_b >= 2**20 else math.nan,
+                     "logp_diff": float((shared_logp - row_logp).abs().max()),
+                     "grad_diff": largest_relative_difference(shared_grads, row_grads) if update else math.nan}
+    hf.activation_checkpointing_disable()
+    hf.zero_grad(set_to_none=True)
+    hf.eval().requires_grad_(False)
+    return out
+
+
+# ----------------------------------------------------------------------------- 5. start-up memory, the reference's dtype
+
+def load_every_rank(model_cfg, device, mesh, train):
+    """The loading training.load_policy replaced: every rank reads the whole model in the held dtype, then
+    shards it."""
+    import training
+    held, compute = training.precision(model_cfg.dtype, device.type, train)
+    hf, _ = model_lib.load_model(model_cfg.path, model_cfg, "cpu", train=train, dtype=held)
+    return training.shard(model_lib.Policy(hf), mesh, device, compute_dtype=compute)
+
+
+def load_worker(folder, way, out):
+    """Under torchrun: load the policy and the reference at `folder` `way` ("every-rank" or "rank0"); rank 0
+    writes every rank's resident high-water mark above its idle size (bytes) to `out`."""
+    import json
+    import config
+    import training
+    rank, world, device, mesh = training.init_distributed()
+    cfg = config.ModelConfig(path=folder, gradient_checkpointing=False)
+    model_lib._model_class("qwen2_vl")  # transformers' model code imported: the idle process is ready to load
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    idle = _status_kb("VmRSS")
+    if way == "rank0":
+        models = [training.load_policy(cfg, device, mesh, train=train)[0] for train in (True, False)]
+    else:
+        models = [load_every_rank(cfg, device, mesh, train) for train in (True, False)]
+    shards = sum(p.to_local().numel() * p.element_size() for m in models for p in m.parameters())
+    peaks = training.gather([(_status_kb("VmHWM") - idle) * 1024, shards])
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(peaks, f)
+
+
+def bench_load(ranks=(1, 2, 4)):
+    """Per-rank and node-total peaks of both ways of loading, for each number of ranks (section 5)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        hf = random_model("load", torch.bfloat16, torch.device("cpu"), std=0.02)
+        hf.save_pretrained(folder)
+        model_lib.build_tokenizer(folder)
+        size = sum(p.numel() for p in hf.parameters()) * 4  # in float32
+        del hf
+        for n in ranks:
+            for way in ("every-rank", "rank0"):
+                out = f"{folder}/peaks.json"
+                run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                      f"--nproc-per-node={n}", __file__, "--load-worker", folder, way, out],
+                                     capture_output=True, text=True)
+                if run.returncode:
+                    raise RuntimeError(f"{way} on {n} ranks failed:\n{run.stderr[-3000:]}")
+                with open(out) as f:
+                    peaks, shards = zip(*json.load(f))
+                other = max(range(1, n), key=lambda r: peaks[r], default=None)
+                rows.append({"ranks": n, "way": way, "rank0": peaks[0], "rank0_shards": shards[0],
+                             "others": peaks[other] if other else 0, "others_shards": shards[other] if other else 0,
+                             "total": sum(peaks), "fp32_model": size})
+    return rows
+
+
+def print_load(rows):
+    size = rows[0]["fp32_model"]
+    print(f"\nStart-up host memory, CPU: policy + reference (float32) of a random Qwen2-VL of {size / 4e6:.0f}M "
+          f"parameters ({size / 2**30:.2f} GiB in float32, stored in bf16); peak resident memory above the idle "
+          "process in GiB, x the float32 model, and of it the rank's own shards (in GPU memory on a GPU)")
+    print(f"{'ranks':>5} {'loading':>24} {'rank 0':>14} {'its shards':>14} {'other ranks (max)':>18} "
+          f"{'their shards':>14} {'node total':>14}")
+    names = {"every-rank": "every rank reads (old)", "rank0": "rank 0 reads (now)"}
+    for r in rows:
+        cells = [f"{r[k] / 2**30:5.2f} ({r[k] / size:4.2f}x)" if r[k] else "-"
+                 for k in ("rank0", "rank0_shards", "others", "others_shards", "total")]
+        print(f"{r['ranks']:>5} {names[r['way']]:>24} {cells[0]:>14} {cells[1]:>14} {cells[2]:>18} {cells[3]:>14} "
+              f"{cells[4]:>14}")
+
+
+def bench_reference_dtype(hf, visual_tokens, completion):
+    """Seconds of the reference's log-prob pass (model.Policy, no grad) on one video prompt of
+    `visual_tokens` and a `completion`-token answer, with the model held in bf16 and in float32."""
+    device = hf.device
+    policy = model_lib.Policy(hf)
+    ids = torch.randint(0, hf.config.text_config.pad_token_id, (1, completion), device=device)  # ordinary tokens
+    lengths = torch.tensor([completion], device=device)
+    seconds = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        hf.to(dtype)
+        batch = video_prompt(hf, visual_tokens, device)
+        with torch.no_grad():
+            policy(batch, ids, lengths, 1.0)
+            seconds[dtype], _ = timed(lambda: policy(batch, ids, lengths, 1.0), device)
+    hf.to(torch.bfloat16)
+    return {"bf16_s": seconds[torch.bfloat16], "fp32_s": seconds[torch.float32],
+            "speedup": seconds[torch.float32] / seconds[torch.bfloat16]}
+
+
 # ----------------------------------------------------------------------------- report
 
 def print_rollout(rows, G, new_tokens, label):
@@ -299,18 +493,38 @@ def print_logprobs(r, V, T, N, H, label):
     print(f"  memory ratio {r['memory_ratio']:.3f}, largest difference {r['max_diff']:.2e}")
 
 
+def print_training(rows, G, completion, label):
+    print(f"\nTraining passes, {label}: one video, G = {G} completions of {completion} tokens; peak memory above the "
+          f"weights and gradients; log-prob difference absolute, gradient difference over the largest gradient")
+    print(f"{'visual tokens':>13} {'pass':>9} {'tokens fed':>16} {'per-row s':>10} {'shared s':>9} {'speed-up':>9} "
+          f"{'per-row GiB':>12} {'shared GiB':>11} {'less memory':>12} {'logp diff':>10} {'grad diff':>10}")
+    for r in rows:
+        for name in ("reference", "update"):
+            p = r[name]
+            print(f"{r['visual_tokens']:>13} {name:>9} {r['per_row_tokens']:>7} / {r['shared_tokens']:<6} "
+                  f"{p['per_row_s']:>10.2f} {p['shared_s']:>9.2f} {p['per_row_s'] / p['shared_s']:>8.2f}x "
+                  f"{p['per_row_gb']:>12.3f} {p['shared_gb']:>11.3f} {p['memory_ratio']:>11.2f}x "
+                  f"{p['logp_diff']:>10.1e} " + (f"{p['grad_diff']:>10.1e}" if name == "update" else f"{'-':>10}"))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes (the test's run)")
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU sections even when CUDA is there")
+    ap.add_argument("--load", action="store_true", help="section 5 alone: start-up host memory under torchrun")
+    ap.add_argument("--load-worker", nargs=3, help=argparse.SUPPRESS)  # FOLDER WAY OUT, one rank of --load
     args = ap.parse_args(argv)
+    if args.load_worker:
+        return load_worker(*args.load_worker)
+    if args.load:
+        return print_load(bench_load())
     torch.manual_seed(0)
     cpu = torch.device("cpu")
     G = 8
     if args.quick:
-        shape, visual, new_tokens, (V, T, N, H) = "quick", (64, 256), 16, (16384, 1024, 8, 64)
+        shape, visual, new_tokens, (V, T, N, H), answer = "quick", (64, 256), 16, (16384, 1024, 8, 64), 16
     else:
-        shape, visual, new_tokens, (V, T, N, H) = "cpu", (1024, 4096), 128, (151936, 2048, 8, 512)
+        shape, visual, new_tokens, (V, T, N, H), answer = "cpu", (1024, 4096), 128, (151936, 2048, 8, 512), 256
     print(f"bench.py on {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
     runs = [(shape, visual)] + ([] if args.quick else [("cpu-qwen-vocab", visual[-1:])])
     for name, sizes in runs:
@@ -320,6 +534,12 @@ def main(argv=None):
         print_rollout(rows, G, new_tokens, f"CPU, random Qwen2-VL of hidden {s['hidden']}, {s['layers']} layers, "
                       f"vocabulary {s['vocab']}, float32")
     print_logprobs(bench_logprobs(V, T, N, H, cpu), V, T, N, H, "CPU, float32")
+    # init std 0.02, the checkpoints' scale: at the rollout's 0.2 the logits lie tens apart and float32 rounding
+    # alone moves the gradients by 3e-4 relative (the per-row pass with eager against sdpa attention)
+    hf = random_model(shape, torch.float32, cpu, std=0.02)
+    s = SHAPES[shape]
+    print_training([bench_training(hf, n, G, answer) for n in visual], G, answer,
+                   f"CPU, random Qwen2-VL of hidden {s['hidden']}, {s['layers']} layers, float32")
     if args.no_gpu or not torch.cuda.is_available():
         print("\nGPU sections skipped: " + ("--no-gpu" if args.no_gpu else "no CUDA device"))
         return
@@ -340,6 +560,11 @@ def main(argv=None):
     print(f"Training, policy forward+backward with gradient checkpointing, {m['tokens']} tokens: "
           f"{m['seconds']:.2f} s, {m['tflops']:.0f} TFLOP/s, MFU {m['mfu']:.0%} of "
           f"{card(BF16_PEAK) or float('nan'):.3g} FLOP/s")
+    r = bench_reference_dtype(hf, visual[-1] - completion, completion)
+    print(f"Reference log-probs, no grad, {visual[-1]} tokens: held in bf16 {r['bf16_s']:.3f} s, in float32 "
+          f"{r['fp32_s']:.3f} s ({r['speedup']:.1f}x)")
+    print_training([bench_training(hf, n, G, answer) for n in visual], G, answer,
+                   f"GPU, random Qwen2-VL of the {gpu_shape} shape, bf16")
 
 
 if __name__ == "__main__":

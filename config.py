@@ -31,6 +31,7 @@ class ModelConfig:
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = True
+    freeze_vision: bool = False
 
 
 @dataclass
@@ -145,6 +146,8 @@ class RunConfig:
 @dataclass
 class TrainConfig(RunConfig):
     warm_start: bool = False
+    micro_batch_size: int = 8
+    prefix_shared: bool = True
     num_iterations: int = 1
     beta: float = 0.04
     eps_low: float = 0.2

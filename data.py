@@ -28,7 +28,8 @@ and which is not installable on every machine:
 - `mm_token_type_ids` built as HF's processor builds them (see `encode`); without them transformers
   5.24 raises for Qwen2-VL and silently falls back to 1-D RoPE for Qwen2.5-VL.
 Beyond it: unreadable videos are skipped, counted and capped by `data.max_bad_fraction`, and the
-prompt stream is sliced per rank and resumable exactly.
+prompt stream is sliced per rank, resumable exactly, and resumable on another number of ranks (its
+position is global).
 
 The paper annotated its 1.5K videos and did not publish them. `prepare` derives the missing `subjects`
 and `events` of each record from its caption with one judge task ("subjects", replaceable by a file in
@@ -375,12 +376,15 @@ def repeat_batch(batch, n) -> dict:
 class PromptStream:
     """Encoded prompts for this rank, per_rank a step, epoch after epoch (the caller decides when to stop).
 
-    Epoch e uses a permutation of all records from a generator seeded by (seed, e) (identity without
-    shuffle); rank r takes perm[r::world] cut to steps_per_epoch() * per_rank items, so every rank runs the
-    same number of steps per epoch and the ranks' items are disjoint. A record whose video raises VideoError
-    is skipped, counted and warned about once per file; the next item of this rank's slice (wrapping to its
-    start) takes its place, so a step always has per_rank prompts. Once at least min(20, len(records))
-    videos were tried, a share of failures above max_bad_fraction stops the run with DataError."""
+    Epoch e takes the records in the order of a permutation from a generator seeded by (seed, e) (identity
+    without shuffle). A step takes the next block of world * per_rank items of that order, rank r its r-th
+    per_rank; the epoch ends when the next block no longer fits (the records left over wait for a later epoch's
+    order). So the ranks' items are disjoint, every rank runs the same number of steps per epoch, and the
+    position is global: `consumed`, the items of the epoch's order all ranks took together, which carries over
+    to another number of ranks (regroup). A record whose video raises VideoError is skipped, counted and warned
+    about once per file; this rank's item of the next block (wrapping around the order) takes its place, so a
+    step always has per_rank prompts. Once at least min(20, len(records)) videos were tried, a share of
+    failures above max_bad_fraction stops the run with DataError."""
 
     def __init__(self, records, encode_fn, rank, world, seed, per_rank, shuffle, max_bad_fraction):
         if not 0 <= rank < world or per_rank < 1:
@@ -389,9 +393,9 @@ class PromptStream:
         self.rank, self.world, self.seed, self.per_rank = rank, world, seed, per_rank
         self.shuffle, self.max_bad_fraction = shuffle, max_bad_fraction
         self.steps_per_epoch()  # fail now, not at the first step
-        self.epoch, self.position = 0, 0      # position: items of this epoch's slice already used
+        self.epoch, self.consumed = 0, 0      # consumed: items of this epoch's order all ranks took
         self.bad, self.seen, self.warned = 0, 0, set()
-        self._slice_epoch, self._slice = None, []
+        self._order_epoch, self._order = None, []
 
     def steps_per_epoch(self) -> int:
         steps = len(self.records) // (self.world * self.per_rank)
@@ -400,17 +404,16 @@ class PromptStream:
                             f"{self.per_rank} prompts; add data or lower train.prompts_per_rank")
         return steps
 
-    def _rank_slice(self) -> list[int]:
-        if self._slice_epoch != self.epoch:
+    def _epoch_order(self) -> list[int]:
+        if self._order_epoch != self.epoch:
             n = len(self.records)
             if self.shuffle:  # a distinct, reproducible stream per (seed, epoch) for epochs below 1e6
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
                 perm = torch.randperm(n, generator=generator)
             else:
                 perm = torch.arange(n)
-            self._slice = perm[self.rank::self.world][:self.steps_per_epoch() * self.per_rank].tolist()
-            self._slice_epoch = self.epoch
-        return self._slice
+            self._order, self._order_epoch = perm.tolist(), self.epoch
+        return self._order
 
     def _try(self, index):
         """encode_fn(record), or None after counting and (once per file) reporting a VideoError."""
@@ -432,47 +435,61 @@ class PromptStream:
 
     def next(self) -> list[tuple[Record, dict]]:
         """The next per_rank (record, prompt) pairs of this rank."""
-        items = self._rank_slice()
-        if self.position >= len(items):
-            self.epoch, self.position = self.epoch + 1, 0
-            items = self._rank_slice()
+        block = self.world * self.per_rank
+        if self.consumed + block > len(self.records):
+            self.epoch, self.consumed = self.epoch + 1, 0
+        order = self._epoch_order()
+        n = len(order)
+        first = self.consumed + self.rank * self.per_rank
         out = []
-        for slot in range(self.position, self.position + self.per_rank):
-            for k in range(len(items)):   # this slot's item, else the ones after it, wrapping
-                index = items[(slot + k) % len(items)]
+        for slot in range(first, first + self.per_rank):
+            for k in range(n // math.gcd(n, block)):   # this slot's item, else this rank's in the blocks after it
+                index = order[(slot + k * block) % n]
                 prompt = self._try(index)
                 if prompt is not None:
                     out.append((self.records[index], prompt))
                     break
             else:
-                raise DataError(f"no video of rank {self.rank}'s {len(items)} items in epoch {self.epoch} can be "
-                                "read; see the warnings above")
-        self.position += self.per_rank
+                raise DataError(f"no video of rank {self.rank}'s items in epoch {self.epoch} can be read; see the "
+                                "warnings above")
+        self.consumed += block
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "bad": self.bad, "seen": self.seen,
-                "warned": sorted(self.warned),
-                "layout": [len(self.records), self.rank, self.world, self.seed, self.per_rank, self.shuffle]}
+        """The position (global) and this rank's bad-video counts, as plain values."""
+        return {"epoch": self.epoch, "consumed": self.consumed, "bad": self.bad, "seen": self.seen,
+                "warned": sorted(self.warned), "layout": [len(self.records), self.seed, self.shuffle]}
 
     def load_state_dict(self, state):
-        layout = [len(self.records), self.rank, self.world, self.seed, self.per_rank, self.shuffle]
+        layout = [len(self.records), self.seed, self.shuffle]
         if state["layout"] != layout:
-            raise DataError(f"the saved data position is for (records, rank, world, seed, per_rank, shuffle) = "
-                            f"{state['layout']}, this run has {layout}; resume with the same data and settings "
-                            "or start a new run (train.resume=never)")
-        self.epoch, self.position = state["epoch"], state["position"]
+            raise DataError(f"the saved data position is for (records, seed, shuffle) = {state['layout']}, this "
+                            f"run has {layout}; resume with the same data and settings or start a new run "
+                            "(train.resume=never)")
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
         self.bad, self.seen, self.warned = state["bad"], state["seen"], set(state["warned"])
+
+    @staticmethod
+    def regroup(states, rank, world) -> dict:
+        """The state rank `rank` of `world` continues from, given `states`, every rank's state_dict() of a run
+        with another number of ranks: the same position, the bad-video counts summed and shared out again (the
+        first total % world ranks take one more), and every file any rank warned about."""
+        def share(total):
+            return total // world + (rank < total % world)
+        return {**states[0], "bad": share(sum(s["bad"] for s in states)),
+                "seen": share(sum(s["seen"] for s in states)),
+                "warned": sorted(set().union(*(s["warned"] for s in states)))}
 
 
 # ----------------------------------------------------------------------------- prepare: subjects and events from captions
 
 # One judge task per record returns both. The marker line names the task for the test server; {caption} is
-# the only field, every other brace is plain text. The events follow rewards.py's extract_events wording,
-# so that prepared events are what the reward would otherwise extract during training.
+# the only field, in tags as untrusted text (rewards.render), every other brace is plain text. The events
+# follow rewards.py's extract_events wording, so that prepared events are what the reward would otherwise
+# extract during training.
 TEMPLATES = {
     "subjects": (
-        "[VideoCap-R1 data task: subjects]\n"
+        "[VideoCap-R1 data task: subjects]\n" + rewards.DATA_ONLY +
         "Below is a caption of a video. Write its ground truth, using only what the caption says:\n"
         "- subjects: each person, animal or object the caption describes, with its name (a short noun "
         'phrase, e.g. "man"), its attributes (short phrases for appearance, colour, size, clothing or '

@@ -149,20 +149,29 @@ def rollout(policy, batch, cfg, special, generator):
 
 
 def micro_batches(keep, size):
-    """Chunks of the row indices that enter the loss, with a weight each. Every rank runs
-    the same number of chunks because FSDP's collectives must pair up across ranks: a
-    rank with fewer rows adds chunks of row 0 with weight 0."""
+    """Chunks of `size` of the row indices that enter the loss, in order (so a chunk holds whole
+    groups when `size` is a multiple of G), with a weight each. Every rank runs the same number
+    of chunks because FSDP's collectives must pair up across ranks: a rank with fewer rows adds
+    chunks of row 0 with weight 0."""
     chunks = list(keep.nonzero().flatten().split(size)) if keep.any() else []
     n = int(reduce([len(chunks)], dist.ReduceOp.MAX)[0])
     filler = torch.zeros(1, dtype=torch.long, device=keep.device)
     return [(rows, 1.0) for rows in chunks] + [(filler, 0.0)] * (n - len(chunks))
 
 
-def completion_logprobs(policy, prompts, roll, rows, temperature):
-    """Log-probs and entropy (n, T) of completions `rows`, trimmed to their longest."""
+def completion_logprobs(policy, batch, roll, rows, cfg):
+    """Log-probs and entropy (n, T) of completions `rows` (sorted; row b*G+g is from prompt b of `batch`, the
+    B collated prompts), trimmed to their longest. With train.prefix_shared each prompt runs once for its rows
+    in the chunk (model.Policy's packed groups; a group split over two chunks runs it once in each), else once
+    per row."""
+    G = cfg.sampling.group_size
     lengths = roll.lengths[rows]  # (n,)
     T = int(lengths.max())
-    return policy(data.select_rows(prompts, rows), roll.ids[rows, :T], lengths, temperature)
+    if cfg.train.prefix_shared:
+        prompts, counts = torch.unique_consecutive(rows // G, return_counts=True)  # (p,), (p,)
+        return policy(data.select_rows(batch, prompts), roll.ids[rows, :T], lengths, cfg.sampling.temperature,
+                      group_size=counts.tolist())
+    return policy(data.select_rows(batch, rows // G), roll.ids[rows, :T], lengths, cfg.sampling.temperature)
 
 
 def length_mask(lengths, T):
@@ -170,7 +179,7 @@ def length_mask(lengths, T):
     return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def update(policy, optimizer, chunks, prompts, roll, adv, ref_logps, old_logps, denom, cfg, world):
+def update(policy, optimizer, chunks, batch, roll, adv, ref_logps, old_logps, denom, cfg, world):
     """num_iterations passes of AdamW over the rollout; returns summed statistics."""
     t = cfg.train
     acc = {"loss": 0.0, "tokens": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0,
@@ -179,7 +188,7 @@ def update(policy, optimizer, chunks, prompts, roll, adv, ref_logps, old_logps, 
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for (rows, weight), ref_lp, old_lp in zip(chunks, ref_logps, old_logps):
-            logp, entropy = completion_logprobs(policy, prompts, roll, rows, cfg.sampling.temperature)
+            logp, entropy = completion_logprobs(policy, batch, roll, rows, cfg)
             mask = length_mask(roll.lengths[rows], logp.shape[1]) * weight  # (n, T)
             old = logp.detach() if old_lp is None else old_lp  # one update per rollout: rho == 1
             loss, st = policy_loss(logp, old, ref_lp, adv[rows], mask, t.eps_low, t.eps_high, t.beta,
@@ -231,21 +240,20 @@ def train_step(policy, ref, optimizer, items, reward_fn, cfg, special, generator
     times["reward"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    prompts = data.repeat_batch(batch, G)  # prompt tensors for the N rows
     chunks = micro_batches(keep, cfg.train.micro_batch_size)
     kept_tokens = roll.lengths[keep].sum().item()
     n_seq, n_tok = reduce([keep.sum().item(), kept_tokens])
     denom = n_tok if cfg.train.loss_agg == "token-mean" else n_seq
     with torch.no_grad():
-        ref_logps = [completion_logprobs(ref, prompts, roll, rows, cfg.sampling.temperature)[0]
+        ref_logps = [completion_logprobs(ref, batch, roll, rows, cfg)[0]
                      if ref is not None else None for rows, _ in chunks]
         # with several updates per rollout, pi_old must be fixed before the first one
-        old_logps = [completion_logprobs(policy, prompts, roll, rows, cfg.sampling.temperature)[0]
+        old_logps = [completion_logprobs(policy, batch, roll, rows, cfg)[0]
                      if cfg.train.num_iterations > 1 else None for rows, _ in chunks]
     times["logprobs"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    acc = update(policy, optimizer, chunks, prompts, roll, adv, ref_logps, old_logps,
+    acc = update(policy, optimizer, chunks, batch, roll, adv, ref_logps, old_logps,
                  max(denom, 1.0), cfg, world) if n_seq > 0 else None
     times["update"] = time.perf_counter() - t0
 
@@ -302,8 +310,8 @@ def heldout_rewards(policy, prompts, reward_fn, cfg, special, device):
 # ----------------------------------------------------------------------------- the run
 
 # Settings a resumed run must share with its checkpoint: the data position is an index into the order that
-# the seed, the records and the videos per rank define, and model.path is also the frozen reference.
-FIXED_ON_RESUME = ("seed", "model.path", "data.train", "data.shuffle", "train.prompts_per_rank")
+# the seed and the records define, and model.path is also the frozen reference.
+FIXED_ON_RESUME = ("seed", "model.path", "data.train", "data.shuffle")
 
 
 class JudgeOutage(training.StopRun):
@@ -318,6 +326,9 @@ def check_config(cfg):
         problems.append(f"train.loss_agg must be one of {', '.join(LOSS_AGGS)}, got {t.loss_agg!r}")
     if t.adv_scale not in ("group", "batch", "none"):
         problems.append(f"train.adv_scale must be group, batch or none, got {t.adv_scale!r}")
+    if t.prefix_shared and cfg.model.attn_implementation not in ("sdpa", "eager"):
+        problems.append("train.prefix_shared packs each group behind one attention mask, which needs "
+                        f"model.attn_implementation sdpa or eager, not {cfg.model.attn_implementation}")
     if t.warm_start:
         problems += training.check_run(cfg.sft, "sft", cfg.data)
     if problems:
@@ -332,14 +343,14 @@ def train(cfg, reward_fn=None):
     def program(rank, world, device, mesh):
         started = warm_start(cfg, rank, world, device, mesh) if cfg.train.warm_start else cfg
         return run(started, reward_fn, rank, world, device, mesh)
-    return training.launch("grpo.py", program, cfg.train.collective_timeout)
+    return training.launch("grpo.py", program, cfg.train.collective_timeout, cfg.train.replicate)
 
 
 def warm_start(cfg, rank, world, device, mesh):
     """sft.py's supervised stage (the sft: section) unless its export already exists; GRPO then starts
     from that export, which is also its reference model."""
     export = os.path.join(cfg.sft.out_dir, "export")
-    if os.path.isfile(os.path.join(export, "config.json")):
+    if training.broadcast(os.path.isfile(os.path.join(export, "config.json"))):  # as rank 0 sees it
         print0(f"warm start: {export} exists, GRPO starts from it")
     else:
         print0(f"warm start: sft.py's stage (sft.target={cfg.sft.target}) into {cfg.sft.out_dir}")
@@ -357,8 +368,10 @@ def run(cfg, reward_fn, rank, world, device, mesh):
     with open(cfg.data.prompt_file) as f:
         instruction = f.read().strip()
 
-    # model: the policy (fp32 master weights, bf16 compute on GPU) and the frozen reference
-    training.ensure_model(cfg.model, rank, cfg.seed)
+    training.check_shared(os.path.join(t.out_dir, "checkpoints"))  # on a disk every node reaches? Before any load
+
+    # model: the policy (fp32 master weights, bf16 compute on GPU) and the frozen reference (bf16 on GPU)
+    training.ensure_model(cfg.model, cfg.seed, training.tokenizer_texts(records, instruction))
     policy, tokenizer, model_type = training.load_policy(cfg.model, device, mesh)
     ref = training.load_policy(cfg.model, device, mesh, train=False, offload=t.ref_offload)[0] \
         if t.beta > 0 else None  # with beta == 0 the reference is never loaded

@@ -3,7 +3,7 @@
     model, kind = load_model("models/Qwen2-VL-7B-Instruct", cfg.model, "cuda", train=True)
     rollout = generate(model, batch, group_size=8, max_new_tokens=1024, temperature=1.0, top_p=1.0,
                        eos_ids=[im_end_id, endoftext_id], pad_id=endoftext_id)
-    logp, entropy = Policy(model)(repeat_batch(batch, 8), rollout.ids, rollout.lengths, temperature=1.0)
+    logp, entropy = Policy(model)(batch, rollout.ids, rollout.lengths, temperature=1.0, group_size=8)
 
 Shapes: B prompts, G samples per prompt, N = B*G rows, L prompt tokens (left-padded), T completion tokens,
 H hidden size, V vocabulary.
@@ -18,6 +18,11 @@ Beyond the paper (which says nothing about how rollouts are computed):
 - M-RoPE positions are always computed here (`rope_positions`, Qwen's published rule) and passed to the
   model explicitly, in the rollout and in the log-prob pass alike; the model's stateful `rope_deltas` is not
   used. Transformers 5 silently falls back to 1-D RoPE when `mm_token_type_ids` is missing: here it is an error.
+- Training passes share the prompt too: Policy(...)(batch, ids, lengths, temperature, group_size=G) takes the B
+  prompts, not the N rows, and runs each group as one sequence [prompt, c_1, ..., c_G] whose attention mask lets
+  each completion see its prompt and itself, with the positions it has in its own sequence, so that the vision
+  tower and the prompt run once per group in the reference, old and update passes. Log-probs and gradients
+  equal the per-row path's (repeat_batch(batch, G) without group_size; tests); bench.py measures both.
 - Log-probs never hold an (N, T, V) float32 tensor: `selective_log_softmax` runs lm_head in chunks of tokens,
   each under activation checkpointing, on the completion tokens only.
 - `build_tiny` writes a random 0.2M-parameter model with a byte-level tokenizer, loaded by the same code path
@@ -70,21 +75,33 @@ def _model_class(kind):
 
 # ----------------------------------------------------------------------------- tokenizer and tiny model
 
-def build_tokenizer(path):
-    """A byte-level Qwen2Tokenizer (256 byte symbols, no merges) plus Qwen's special tokens and chat template."""
-    from tokenizers import AddedToken, pre_tokenizers
+def build_tokenizer(path, texts=(), vocab_size=0):
+    """A byte-level Qwen2Tokenizer plus Qwen's special tokens and chat template, saved to `path`. With
+    vocab_size 0: the 256 byte symbols and no merges. Otherwise BPE merges learned offline from `texts`
+    (tokenizers' trainer) up to about vocab_size tokens, so that text is several times shorter than in bytes."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab, merges = {ch: i for i, ch in enumerate(alphabet)}, []
+    if vocab_size:
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.train_from_iterator(list(texts), trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet,
+                                                                  show_progress=False))
+        learned = json.loads(bpe.to_str())["model"]
+        vocab, merges = learned["vocab"], [tuple(pair) for pair in learned["merges"]]
     vocab.update({s: len(vocab) + i for i, s in enumerate(SPECIAL_TOKENS)})
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")
     tok.add_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS], special_tokens=True)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(path)
     return tok
 
 
-def build_tiny(path, kind, seed=0):
-    """Write a random tiny `kind` model (hidden 64, 2 layers, vision depth 2) and its tokenizer to `path`.
+def build_tiny(path, kind, seed=0, texts=(), vocab_size=0, hidden=64, layers=2):
+    """Write a random tiny `kind` model (hidden 64, 2 layers, vision depth 2 by default) and its tokenizer
+    (build_tokenizer: bytes, or BPE learned from `texts`) to `path`.
     They are written into a temporary folder beside `path`, renamed when complete: an interrupted build
     leaves nothing that looks like a model, and of two builds at once the first to finish is kept."""
     if kind not in KINDS:
@@ -93,7 +110,7 @@ def build_tiny(path, kind, seed=0):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(path)) + ".tmp-", dir=parent)
     try:
-        _write_tiny(tmp, kind, seed)
+        _write_tiny(tmp, kind, seed, texts, vocab_size, hidden, layers)
         try:
             os.rename(tmp, path)
         except OSError:
@@ -103,20 +120,23 @@ def build_tiny(path, kind, seed=0):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_tiny(path, kind, seed):
+def _write_tiny(path, kind, seed, texts=(), vocab_size=0, hidden=64, layers=2):
     from transformers import AutoConfig, GenerationConfig
-    tok = build_tokenizer(path)
+    tok = build_tokenizer(path, texts, vocab_size)
+    head = hidden // 4
     ids = {s: tok.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS}
     end, eot = ids["<|endoftext|>"], ids["<|im_end|>"]
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
-                # head_dim 16: the (temporal, height, width) sections cover its 8 rotary frequencies
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                # the (temporal, height, width) sections cover the head's head/2 rotary frequencies in
+                # Qwen2-VL-7B's proportions (16, 24, 24 of 64): [2, 3, 3] at head_dim 16
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                 "mrope_section": [head // 8, 3 * head // 16, 3 * head // 16]},
                 bos_token_id=end, eos_token_id=eot, pad_token_id=end)
     if kind == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+        vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2)
     else:  # window attention in block 0, full attention in block 1, as the 7B alternates them
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
                       fullatt_block_indexes=[1], tokens_per_second=2)
     # init std 0.2 rather than 0.02: the default gives near-uniform logits and the same greedy text for every
     # video, which would make the tests' comparisons between rows and prompts toothless
@@ -149,9 +169,10 @@ def resolve_dtype(name, device):
     return dtypes[name]
 
 
-def load_model(path, cfg, device, *, train):
+def load_model(path, cfg, device, *, train, dtype=None):
     """Load the HF model at `path` (kind from its config.json); returns (model, kind).
-    train=False gives the frozen reference: eval mode, no gradients."""
+    train=False gives the frozen reference: eval mode, no gradients. dtype: a torch dtype, or "stored" for the
+    dtype the weights are stored in; by default model.dtype resolved for `device`."""
     folder = Path(path)
     hint = (f"expected a Hugging Face folder of {' or '.join(CHECKPOINTS.values())} (config.json + weights), "
             f"or set model.build_tiny=qwen2_vl to build a tiny random model there")
@@ -168,15 +189,29 @@ def load_model(path, cfg, device, *, train):
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelError("model.attn_implementation=flash_attention_2 but flash-attn is not installed: "
                          "pip install flash-attn, or set model.attn_implementation=sdpa")
-    model = _model_class(kind).from_pretrained(path, dtype=resolve_dtype(cfg.dtype, device),
+    dtype = "auto" if dtype == "stored" else dtype or resolve_dtype(cfg.dtype, device)  # HF's auto: as stored
+    model = _model_class(kind).from_pretrained(path, dtype=dtype,
                                                attn_implementation=cfg.attn_implementation).to(device)
+    return _set_mode(model, cfg, train), kind
+
+
+def empty_model(config, cfg, dtype, *, train):
+    """The model `config` (an HF config, as loaded) describes, on the meta device in `dtype`: its architecture
+    without weights, for FSDP to shard before the weights are filled in (training.load_policy)."""
+    with torch.device("meta"):
+        model = _model_class(config.model_type)._from_config(config, dtype=dtype,
+                                                             attn_implementation=cfg.attn_implementation)
+    return _set_mode(model, cfg, train)
+
+
+def _set_mode(model, cfg, train):
     if train:
         model.train()
         if cfg.gradient_checkpointing:
             model.activation_checkpointing_enable()
     else:
         model.eval().requires_grad_(False)
-    return model, kind
+    return model
 
 
 # ----------------------------------------------------------------------------- positions
@@ -310,7 +345,9 @@ def pack_groups(batch, positions, completion_ids, lengths, counts):
     # S rounded up to a multiple of 16: CUDA's memory-efficient attention copies (pads) a mask whose rows are not
     # 16-element aligned, in every layer
     S = -(-max(len(r) for r in rows) // 16) * 16
-    pad = lambda x, value: F.pad(x, (0, S - x.shape[-1]), value=value)          # noqa: E731
+
+    def pad(x, value):                                                            # (..., n) -> (..., S)
+        return F.pad(x, (0, S - x.shape[-1]), value=value)
     return PackedGroups(torch.stack([pad(r, 0) for r in rows]),
                         torch.stack([pad(p, 0) for p in row_positions], 1),
                         torch.stack([pad(s, -1) for s in row_segments]),
@@ -326,9 +363,10 @@ def prefix_attention_mask(segments, implementation, dtype):
     if implementation not in ("sdpa", "eager"):
         raise ModelError(f"prefix-shared log-probs need model.attn_implementation=sdpa or eager, not "
                          f"{implementation}: flash-attention takes no custom attention mask")
-    sees = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)   # (B, S query, S key)
-    sees = sees.tril()[:, None]                                                           # causal
-    return torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(~sees, torch.finfo(dtype).min)
+    sees = (segments[:, :, None] == segments[:, None, :]).logical_or_(segments[:, None, :] == 0)  # (B, S q, S k)
+    sees = sees.tril_()[:, None]                                                                 # causal
+    # in place: the mask is S^2 numbers (150 MB in float32 at 6K tokens), built without a second copy
+    return torch.full(sees.shape, torch.finfo(dtype).min, dtype=dtype, device=sees.device).masked_fill_(sees, 0.0)
 
 
 class Policy(nn.Module):
@@ -356,7 +394,15 @@ class Policy(nn.Module):
         see its prompt and itself (prefix_attention_mask), so the prompt's states receive the sum of the G
         completions' gradients. Log-probs and gradients equal the per-row path's to float rounding (tests).
 
-        PREFIX_MEASUREMENT"""
+        Why one packed sequence rather than the prompt's keys/values shared by G completion rows: a shared cache
+        takes two forwards through every decoder layer (the prompt, then the completions), which transformers'
+        gradient checkpointing breaks (a checkpointed layer is handed cache=None, so the completions would not
+        see the prompt) and which runs each FSDP2 unit twice per pass; the packed sequence is one ordinary
+        forward. Measured on bench.py's CPU shape, one thread, 1K visual tokens, G = 8 completions of 256
+        tokens, forward+backward without checkpointing: per row 33.9 s and 3.34 GiB, packed 9.7 s and 0.35 GiB,
+        shared cache 7.9 s and 0.25 GiB. The packed sequence pays for its dense mask: fused attention kernels
+        skip no masked block, so the prompt's queries also meet the completions' keys, and each completion the
+        others'. bench.py's "training passes" table has the figures with checkpointing at 1K and 4K."""
         N, T = completion_ids.shape
         valid = torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]     # (N, T) from lengths
         if group_size is None:
@@ -398,8 +444,10 @@ class Policy(nn.Module):
         """(tokens, H): the same states as _per_row_states, from one packed sequence per group."""
         positions = rope_positions(self.hf, batch, batch["input_ids"], batch["attention_mask"])   # (3, B, L)
         packed = pack_groups(batch, positions, completion_ids, lengths, counts)
+        # in the decoder's compute dtype, which SDPA requires of a float mask: the embedding's, bf16 under FSDP2's
+        # mixed precision even though the stored weights are float32
         mask = prefix_attention_mask(packed.segments, self.hf.config.text_config._attn_implementation,
-                                     self.hf.dtype)                                   # (B, 1, S, S)
+                                     self.hf.get_input_embeddings().weight.dtype)     # (B, 1, S, S)
         hidden = self.hf.model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.positions,
                                **self._video_inputs(batch), use_cache=False).last_hidden_state   # (B, S, H)
         return hidden.flatten(0, 1)[packed.sources]

@@ -40,7 +40,7 @@ from training import print0, reduce
 
 TARGETS = ("think", "caption")
 # Settings a resumed run must share with its checkpoint (grpo.py's, and the target)
-FIXED_ON_RESUME = ("seed", "model.path", "data.train", "data.shuffle", "sft.prompts_per_rank", "sft.target")
+FIXED_ON_RESUME = ("seed", "model.path", "data.train", "data.shuffle", "sft.target")
 
 
 def target_text(record, target):
@@ -120,7 +120,7 @@ def check_config(cfg):
 def train(cfg):
     """The whole supervised run in its own process group. Returns the last metrics."""
     check_config(cfg)
-    return training.launch("sft.py", lambda *ctx: run(cfg, *ctx), cfg.sft.collective_timeout)
+    return training.launch("sft.py", lambda *ctx: run(cfg, *ctx), cfg.sft.collective_timeout, cfg.sft.replicate)
 
 
 def run(cfg, rank, world, device, mesh):
@@ -138,7 +138,8 @@ def run(cfg, rank, world, device, mesh):
     else:
         instruction = data.CAPTION_PROMPT
 
-    training.ensure_model(cfg.model, rank, cfg.seed)
+    training.check_shared(os.path.join(s.out_dir, "checkpoints"))  # on a disk every node reaches? Before any load
+    training.ensure_model(cfg.model, cfg.seed, training.tokenizer_texts(records, instruction))
     policy, tokenizer, model_type = training.load_policy(cfg.model, device, mesh)
     vision_cfg = policy.hf.config.vision_config
 

@@ -1,7 +1,7 @@
 """The training machinery that grpo.py and sft.py share: the process group, FSDP2 wrapping, AdamW and its
 schedule, checkpoints with exact resume, the Hugging Face export, metric logging and the summary's charts.
 
-    rank, world, device, mesh = init_distributed()
+    rank, world, device, mesh = init_distributed(replicate=cfg.train.replicate)   # FSDP, or HSDP across nodes
     policy, tokenizer, kind = load_policy(cfg.model, device, mesh)    # fp32 master weights, bf16 compute on GPU
     optimizer, scheduler = make_optimizer(policy, cfg.train)          # cfg.train or cfg.sft: a RunConfig
     start, extra = resume(cfg.train, policy, optimizer, scheduler, rank)
@@ -11,26 +11,35 @@ schedule, checkpoints with exact resume, the Hugging Face export, metric logging
 Choices beyond the paper (which does not describe its training code):
 - Plain `python grpo.py` (or sft.py) runs as an FSDP world of one, the same code path as torchrun.
 - The policy keeps fp32 master weights and computes in bf16 on GPU (FSDP2 mixed precision): at lr 1e-6 a bf16
-  weight cannot hold the update.
+  weight cannot hold the update. The frozen reference holds and computes in bf16 (precision()).
+- Only rank 0 reads the model folder: the other ranks build the model on the meta device and their shards are
+  filled from rank 0's weights, one tensor at a time, so a node holds one full copy of the weights at start-up
+  instead of one per rank (load_policy). `replicate` > 1 (HSDP) keeps one copy of the model per group of
+  world/replicate ranks (a node), so that the per-layer all-gathers stay inside the node.
 - A checkpoint is a folder step-NNNNNN: the sharded model and optimizer (torch.distributed.checkpoint), one
   small file per rank (data position, RNG, schedule: tensors and plain values, read back with
   weights_only=True, so a checkpoint cannot run code) and meta.json. It is written as step-NNNNNN.tmp, every
   file flushed to disk, and renamed only when complete: a crash or a full disk mid-save leaves the previous
   checkpoints as they were, and resume never picks an incomplete folder. A newest checkpoint that does not
-  load is skipped, with a warning, for the one before it.
+  load is skipped, with a warning, for the one before it. A checkpoint resumes on another number of ranks: DCP
+  reshards the weights and the optimizer, the data position is global, and each rank's sampling RNG is derived
+  anew (load_checkpoint says what is exact). Every rank writes into the checkpoint folder, so it must be on a
+  disk every node reaches (check_shared).
 """
 import contextlib
-import dataclasses
+import hashlib
 import itertools
 import json
 import math
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
 import sys
 import textwrap
+import time
 import traceback
 from datetime import timedelta
 
@@ -38,8 +47,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -53,10 +62,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the path."""
 
 
-class WorldSizeError(CheckpointError):
-    """A checkpoint written by another number of ranks."""
-
-
 class StopRun(RuntimeError):
     """A run that stops on purpose (too many non-finite steps, a judge that went away); the message says
     what to do."""
@@ -67,12 +72,12 @@ USER_ERRORS = (config_lib.ConfigError, data.DataError, model_lib.ModelError, rew
                CheckpointError, StopRun)
 
 
-def launch(program, run_fn, timeout):
-    """Start the process group, call run_fn(rank, world, device, mesh) and return what it returns. On an
-    error every rank ends, the others at their next collective or their timeout, instead of hanging: a
-    USER_ERRORS error prints "program: message" (once per rank that raised it), anything else its traceback;
-    with one process the error is raised to the caller."""
-    rank, world, device, mesh = init_distributed(timeout)
+def launch(program, run_fn, timeout, replicate=1):
+    """Start the process group (init_distributed), call run_fn(rank, world, device, mesh) and return what it
+    returns. On an error every rank ends, the others at their next collective or their timeout, instead of
+    hanging: a USER_ERRORS error prints "program: message" (once per rank that raised it), anything else its
+    traceback; with one process the error is raised to the caller."""
+    rank, world, device, mesh = init_distributed(timeout, replicate)
     try:
         return run_fn(rank, world, device, mesh)
     except BaseException as e:
@@ -110,9 +115,12 @@ def main(program, argv, doc, check, train):
 # ----------------------------------------------------------------------------- distributed
 
 
-def init_distributed(timeout=1800.0):
-    """Join the process group torchrun describes, or make a world of one. A collective that waits longer
-    than `timeout` seconds for a rank (one that died or hangs) raises on the ranks that wait."""
+def init_distributed(timeout=1800.0, replicate=1):
+    """Join the process group torchrun describes, or make a world of one -> (rank, world, device, mesh). A
+    collective that waits longer than `timeout` seconds for a rank (one that died or hangs) raises on the ranks
+    that wait. The mesh (device_mesh) is 1-D over all ranks (FSDP), or with `replicate` > 1 2-D for HSDP: each
+    row of world/replicate ranks, a node or several, shards one copy of the model, and only the gradients
+    cross between rows."""
     kw = {"timeout": timedelta(seconds=timeout)}
     if "RANK" not in os.environ:  # plain `python grpo.py`
         with socket.socket() as s:
@@ -126,8 +134,16 @@ def init_distributed(timeout=1800.0):
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", **kw)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    return dist.get_rank(), dist.get_world_size(), device, mesh
+    return dist.get_rank(), dist.get_world_size(), device, device_mesh(device.type, replicate)
+
+
+def device_mesh(device_type, replicate=1):
+    """The mesh FSDP2 shards over: 1-D over all ranks, or with `replicate` > 1 2-D (replicate, shard), whose
+    rows are groups of world/replicate consecutive ranks (torchrun numbers ranks node by node)."""
+    world = dist.get_world_size()
+    if replicate == 1:
+        return init_device_mesh(device_type, (world,))
+    return init_device_mesh(device_type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
 
 
 def reduce(values, op=dist.ReduceOp.SUM):
@@ -137,6 +153,58 @@ def reduce(values, op=dist.ReduceOp.SUM):
         t = t.cuda()
     dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def broadcast(obj):
+    """Rank 0's `obj` on every rank (rank 0 decides what is on disk; a node may see another disk)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj):
+    """Every rank's `obj`, in rank order, on every rank."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def ranks_named(ranks):
+    """[8, 9, 10, 12] -> "ranks 8-10, 12"; [3] -> "rank 3"."""
+    spans = []
+    for r in ranks:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ("ranks " if len(ranks) > 1 else "rank ") + ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
+def per_rank(messages):
+    """gather()'s messages as one: "" when all are empty, else each distinct one once with the ranks that gave
+    it ("ranks 8-15: ..."; in a world of one, the message alone)."""
+    if len(messages) == 1:
+        return messages[0]
+    ranks = {}
+    for r, message in enumerate(messages):
+        if message:
+            ranks.setdefault(message, []).append(r)
+    return "; ".join(f"{ranks_named(rs)}: {message}" for message, rs in ranks.items())
+
+
+def on_rank0(fn):
+    """fn()'s result on rank 0, sent to every rank; an error that USER_ERRORS lists is raised on every rank
+    alike, so that no rank is left waiting for rank 0 in a collective."""
+    result = None
+    if dist.get_rank() == 0:
+        try:
+            result = (fn(), None)
+        except USER_ERRORS as e:
+            result = (None, e)
+    value, error = broadcast(result)
+    if error is not None:
+        raise error
+    return value
 
 
 def print0(*args, **kwargs):
@@ -157,14 +225,26 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def shard(policy, mesh, device, *, train, offload=False):
-    """Our FSDP2 wrapping: each vision block, each decoder layer, then the root (the
-    Policy, which owns embeddings, the final norm and lm_head)."""
-    on_gpu = device.type == "cuda"
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if on_gpu and train else MixedPrecisionPolicy()
+def precision(setting, device_type, train):
+    """(dtype the parameters are held in, dtype they compute in) for model.dtype `setting` on the device that
+    computes (cuda or cpu; the weights are read on the CPU, which must not decide): the policy keeps fp32 master
+    weights and computes in the setting's dtype (auto: bf16 on GPU, fp32 on CPU); the frozen reference, which
+    no update touches, holds and computes in it."""
+    compute = model_lib.resolve_dtype(setting, device_type)
+    return (torch.float32 if train else compute), compute
+
+
+def shard(policy, mesh, device, *, compute_dtype, offload=False):
+    """Our FSDP2 wrapping over `mesh` (1-D: FSDP; 2-D (replicate, shard): HSDP): each vision block, each decoder
+    layer, then the root (the Policy, which owns embeddings, the final norm and lm_head). Parameters held in
+    another dtype than `compute_dtype` are cast to it for compute, their gradients reduced in fp32 (mixed
+    precision). A Policy built on the meta device gets uninitialised shards, for load_policy to fill."""
+    held = next(policy.parameters()).dtype
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
+        if compute_dtype != held else MixedPrecisionPolicy()
     kw = {"mesh": mesh, "mp_policy": mp}
-    if offload and on_gpu:
+    offload = offload and device.type == "cuda"
+    if offload:
         kw["offload_policy"] = CPUOffloadPolicy()
     inner = policy.hf.model
     for block in inner.visual.blocks:
@@ -172,23 +252,54 @@ def shard(policy, mesh, device, *, train, offload=False):
     for layer in inner.language_model.layers:
         fully_shard(layer, **kw)
     fully_shard(policy, **kw)
-    if not (offload and on_gpu):
-        policy.to(device)
+    home = torch.device("cpu") if offload else device
+    if next(policy.parameters()).is_meta:
+        policy.to_empty(device=home)
+    else:
+        policy.to(home)
     # FSDP2 picks its root at the first forward; generation calls the layers directly,
     # so make the Policy the root before anything runs.
     policy._get_fsdp_state()._lazy_init()
     return policy
 
 
+def tokenizer_texts(records, instruction):
+    """What a tiny model's BPE tokenizer learns from: the prompt and every record's reference output."""
+    return [instruction] + [rewards.reference_output(r) for r in records]
+
+
 def load_policy(model_cfg, device, mesh, *, train=True, offload=False):
     """The model at model_cfg.path as a sharded Policy -> (policy, tokenizer, kind). train=True: the policy,
-    fp32 master weights (bf16 compute on GPU); train=False: the frozen reference in model_cfg.dtype."""
-    tokenizer = model_lib.load_tokenizer(model_cfg.path)
-    cfg = model_cfg
-    if train and device.type == "cuda" and model_cfg.dtype in ("auto", "bfloat16"):
-        cfg = dataclasses.replace(model_cfg, dtype="float32")
-    hf, kind = model_lib.load_model(model_cfg.path, cfg, "cpu", train=train)
-    return shard(model_lib.Policy(hf), mesh, device, train=train, offload=offload), tokenizer, kind
+    fp32 master weights computing in model.dtype; train=False: the frozen reference, held and computed in it
+    (precision()). offload: the shards in CPU memory (GPU only).
+
+    Only rank 0 reads the model folder, in the dtype it is stored in (bf16 for Qwen's checkpoints); the other
+    ranks get its config and tokenizer by broadcast and build the model on the meta device. Every rank shards
+    its model, then rank 0's weights fill the shards one tensor at a time (set_model_state_dict's
+    broadcast_from_rank0, cast to the held dtype on arrival). A node so holds one full copy of the weights at
+    start-up, on rank 0, instead of one per rank, and the other nodes need no copy of the model folder."""
+    held, compute = precision(model_cfg.dtype, device.type, train)
+    source = {}
+
+    def read():
+        source["hf"], kind = model_lib.load_model(model_cfg.path, model_cfg, "cpu", train=False, dtype="stored")
+        return model_lib.load_tokenizer(model_cfg.path), source["hf"].config, kind
+    tokenizer, hf_config, kind = on_rank0(read)
+    hf = model_lib.empty_model(hf_config, model_cfg, held, train=train)
+    policy = shard(model_lib.Policy(hf, freeze_vision=train and model_cfg.freeze_vision), mesh, device,
+                   compute_dtype=compute, offload=offload)
+    weights, buffers = {}, None
+    if source:
+        weights = {f"hf.{k}": v for k, v in source["hf"].state_dict().items()}
+        # buffers outside the state dict (the rotary frequencies) are computed when a model is built, which
+        # the meta device skips
+        buffers = {k: v for k, v in source["hf"].named_buffers() if f"hf.{k}" not in weights}
+        hf.generation_config = source["hf"].generation_config  # the source's, for the export
+    set_model_state_dict(policy, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, value in broadcast(buffers).items():
+        module, _, leaf = name.rpartition(".")
+        hf.get_submodule(module).register_buffer(leaf, value.to(device), persistent=False)
+    return policy, tokenizer, kind
 
 
 @contextlib.contextmanager
@@ -265,6 +376,44 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def check_shared(folder, timeout=5.0):
+    """Stop on every rank, naming the ranks, unless every rank sees `folder` as rank 0 does: each rank writes
+    its shards of a checkpoint there and reads them back on resume, so the folder must be on a disk that every
+    node mounts at that path. Rank 0 creates it and writes a fresh random token into folder/.shared-check (removed
+    once all have looked); the others wait up to `timeout` seconds to read it (a network filesystem may show it a
+    moment late)."""
+    check = os.path.join(folder, ".shared-check")
+
+    def write():
+        token = secrets.token_hex(8)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            _fsync_write(check, lambda f: f.write(token.encode()))
+        except OSError as e:
+            raise CheckpointError(f"cannot write into {folder}: {type(e).__name__}: {e}") from None
+        return token, os.path.abspath(folder)
+    token, where = on_rank0(write)  # the folder as rank 0 names it
+    deadline = time.monotonic() + timeout
+    while not (seen := _read_text(check) == token) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    blind = [r for r, ok in enumerate(gather(seen)) if not ok]
+    if dist.get_rank() == 0:
+        os.remove(check)
+    if blind:
+        raise CheckpointError(f"{ranks_named(blind)} cannot see {where}, where rank 0 keeps the "
+                              "checkpoints: every rank writes its shards there and reads them back on resume, so it "
+                              "must be on a disk every node mounts at the same path (README: multi-node). Set the "
+                              "run's out_dir to such a folder")
+
+
+def _read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def complete_checkpoints(ckpt_dir):
     """Checkpoint folders step-NNNNNN (never the .tmp of an interrupted save) with a readable meta.json,
     newest first."""
@@ -306,13 +455,16 @@ def rng_state(generator=None):
 
 
 def set_rng_state(state, generator=None):
+    """Restore rng_state()'s states; one that regroup() derived holds a seed for the sampling generator."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if generator is not None:
+    if generator is not None and "sampling" in state:
         generator.set_state(state["sampling"])
+    elif generator is not None:
+        generator.manual_seed(state["sampling_seed"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -366,15 +518,15 @@ def save_checkpoint(ckpt_dir, step, policy, optimizer, extra, rank, keep, meta=N
 
 def load_checkpoint(path, policy, optimizer, rank):
     """Load a checkpoint folder into the policy and optimizer -> (meta, this rank's extra). Raises
-    CheckpointError naming the file when it cannot be read."""
+    CheckpointError naming the file when it cannot be read. A checkpoint of as many ranks as this run has gives
+    each rank its own extra back: the resume is exact. One of another number of ranks is resharded: DCP loads
+    the weights and the optimizer state exactly into this run's shards, and each rank's extra is derived from
+    every saved rank's (regroup)."""
     try:
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}/meta.json: unreadable ({type(e).__name__})") from None
-    if meta["world"] != dist.get_world_size():
-        raise WorldSizeError(f"{path} was written by {meta['world']} ranks, this run has "
-                              f"{dist.get_world_size()}: the data position and RNG are per rank")
     model_sd, optim_sd = get_state_dict(policy, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     try:
@@ -382,13 +534,37 @@ def load_checkpoint(path, policy, optimizer, rank):
     except (OSError, RuntimeError, ValueError, dcp.api.CheckpointException) as e:
         raise CheckpointError(f"{path}: the model or optimizer shards do not load ({type(e).__name__})") from None
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    world = dist.get_world_size()
+    if meta["world"] == world:
+        return meta, _read_extra(path, rank)
+    return meta, regroup([_read_extra(path, r) for r in range(meta["world"])], rank, world)
+
+
+def _read_extra(path, rank):
     extra_path = os.path.join(path, f"rank{rank}.pt")
     try:
-        extra = torch.load(extra_path, weights_only=True)
+        return torch.load(extra_path, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many kinds; a refused pickle is UnpicklingError
         raise CheckpointError(f"{extra_path}: unreadable or not a plain state file ({type(e).__name__}); "
                               "checkpoints are loaded with weights_only=True and never run code") from None
-    return meta, extra
+
+
+def regroup(saved, rank, world):
+    """The extra of rank `rank` of `world` after a change in the number of ranks, from `saved`, the extra of
+    every saved rank: rank 0's values for what all ranks hold alike (the step, the schedule, the global RNGs,
+    which every rank seeds alike); the data position, which is global, with the bad-video counts shared out
+    anew (data.PromptStream.regroup); and for the sampling generator a seed derived from rank 0's saved
+    generator and this rank: a stream of its own per rank, the same whenever this checkpoint is resumed on
+    this many ranks, but not the one the saved ranks would have drawn."""
+    extra = dict(saved[0])
+    if "data" in extra:
+        extra["data"] = data.PromptStream.regroup([e["data"] for e in saved], rank, world)
+    rng = {k: v for k, v in extra["rng"].items() if k != "sampling"}
+    if "sampling" in extra["rng"]:
+        digest = hashlib.sha256(extra["rng"]["sampling"].numpy().tobytes() + rank.to_bytes(4, "little")).digest()
+        rng["sampling_seed"] = int.from_bytes(digest[:8], "little")
+    extra["rng"] = rng
+    return extra
 
 
 def resume(run, policy, optimizer, scheduler, rank, settings=None, fixed=()):
@@ -411,31 +587,27 @@ def resume(run, policy, optimizer, scheduler, rank, settings=None, fixed=()):
         error = ""
         try:
             meta, extra = load_checkpoint(candidate, policy, optimizer, rank)
-        except WorldSizeError:
-            raise
         except CheckpointError as e:
             error = str(e)
-        if reduce([float(bool(error))], dist.ReduceOp.MAX)[0] == 0:
+        error = per_rank(gather(error))
+        if not error:
             scheduler.load_state_dict(extra["scheduler"])
             start, path = meta["step"], candidate
             _apply_changes(meta.get("settings", {}), settings or {}, fixed, run, optimizer, scheduler, start, rank)
+            if meta["world"] != dist.get_world_size():
+                print0(f"resume: {candidate} was written by {meta['world']} ranks, this run has "
+                       f"{dist.get_world_size()}: the weights and optimizer state are resharded exactly, the data "
+                       "continue from the same place in the global order, the sampling RNGs are seeded anew")
             break
         if run.resume != "auto":
-            raise CheckpointError(error or f"{candidate}: does not load on another rank")
-        print0(f"warning: {error or candidate + ' does not load on another rank'}; trying the checkpoint before "
-               "it" if k + 1 < len(candidates) else f"warning: {error}; no older checkpoint, starting fresh")
+            raise CheckpointError(error)
+        print0(f"warning: {error}; trying the checkpoint before it" if k + 1 < len(candidates)
+               else f"warning: {error}; no older checkpoint, starting fresh")
         extra = None
     if rank == 0:
         for name in ("metrics.jsonl", "samples.jsonl", "changes.jsonl"):
             cut_jsonl(os.path.join(run.out_dir, name), start)
     return start, extra, path
-
-
-def broadcast(obj):
-    """Rank 0's `obj` on every rank (rank 0 decides what is on disk; a node may see another disk)."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _apply_changes(saved, now, fixed, run, optimizer, scheduler, step, rank):
@@ -599,13 +771,20 @@ def check_run(run, section, data_cfg):
         problems.append(f"{section}.resume must be auto, never or a checkpoint folder; {run.resume!r} is none")
     if run.eval_every and not data_cfg.val:
         problems.append(f"{section}.eval_every={run.eval_every} needs data.val, a held-out JSONL")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; the process group does not exist yet
+    if world % run.replicate:
+        problems.append(f"{section}.replicate={run.replicate} must divide the number of ranks, {world}")
     return problems
 
 
-def ensure_model(model_cfg, rank, seed=0):
-    """With model.build_tiny, build the tiny random model at model.path when nothing is there (rank 0; the
-    others wait). model.build_tiny writes into a temporary folder and renames it when complete."""
-    if model_cfg.build_tiny and rank == 0 and not os.path.exists(model_cfg.path):
-        print(f"building a tiny random {model_cfg.build_tiny} model at {model_cfg.path}", flush=True)
-        model_lib.build_tiny(model_cfg.path, model_cfg.build_tiny, seed)
-    dist.barrier()
+def ensure_model(model_cfg, seed=0, texts=()):
+    """With model.build_tiny, build the tiny random model at model.path when rank 0 sees nothing there (only
+    rank 0 reads the model folder, load_policy), its BPE tokenizer (model.tiny_vocab) learned from `texts`; the
+    others wait. model.build_tiny writes into a temporary folder and renames it when complete."""
+    m = model_cfg
+
+    def build():
+        if m.build_tiny and not os.path.exists(m.path):
+            print(f"building a tiny random {m.build_tiny} model at {m.path}", flush=True)
+            model_lib.build_tiny(m.path, m.build_tiny, seed, texts, m.tiny_vocab, m.tiny_hidden, m.tiny_layers)
+    on_rank0(build)

@@ -25,6 +25,12 @@ def test_quick_bench_prints_its_figures_and_skips_the_gpu():
     ratio = next(line for line in lines if "memory ratio" in line)
     assert float(ratio.split()[-1]) <= 1e-5                     # largest difference, chunked vs plain
     assert float(ratio.split()[2].rstrip(",")) < 0.5
+    header = next(i for i, line in enumerate(lines) if line.startswith("Training passes, CPU")) + 1
+    rows = [line.split() for line in lines[header + 1:header + 5]]
+    assert [(r[0], r[1]) for r in rows] == [("64", "reference"), ("64", "update"), ("256", "reference"),
+                                            ("256", "update")]
+    assert all(float(r[-2]) <= 1e-5 for r in rows)                        # log-probs, prefix-shared vs per row
+    assert all(float(r[-1]) <= 1e-5 for r in rows[1::2])                  # gradients (update rows)
     assert lines[-1] == "GPU sections skipped: --no-gpu"
 
 
@@ -60,3 +66,21 @@ def test_gpu_sections_run_on_cpu(quick_model):
     m = bench.bench_mfu(quick_model, 64, 8, peak_flops=None)
     assert m["tokens"] == 64 + 63 + 8 and m["seconds"] > 0 and math.isnan(m["mfu"])
     assert not quick_model.training and not any(p.requires_grad for p in quick_model.parameters())
+
+
+def test_training_passes_run_on_cpu():
+    hf = bench.random_model("quick", torch.float32, torch.device("cpu"), std=0.02)
+    r = bench.bench_training(hf, 64, 4, 8)
+    assert r["per_row_tokens"] == 4 * (64 + 63 + 8) and r["shared_tokens"] == 64 + 63 + 4 * 7
+    for name in ("reference", "update"):
+        assert r[name]["per_row_s"] > 0 and r[name]["shared_s"] > 0 and r[name]["logp_diff"] <= 1e-5
+    assert 0 < r["update"]["grad_diff"] <= 1e-5 and math.isnan(r["reference"]["grad_diff"])
+    assert not hf.training and not any(p.requires_grad or p.grad is not None for p in hf.parameters())
+    assert not hf.model.language_model.layers[0].gradient_checkpointing
+
+
+def test_the_reference_dtype_section_runs_on_cpu():
+    hf = bench.random_model("quick", torch.bfloat16, torch.device("cpu"))
+    r = bench.bench_reference_dtype(hf, 64, 8)
+    assert r["bf16_s"] > 0 and r["fp32_s"] > 0 and r["speedup"] > 0
+    assert hf.dtype == torch.bfloat16          # handed back as it came

@@ -44,7 +44,7 @@ def rewards_logged(out_dir):
         return [json.loads(line)["reward"] for line in f]
 
 
-LEARN = ["train.steps=30", "train.lr=3e-3", "sampling.group_size=8", "sampling.max_new_tokens=16",
+LEARN = ["train.steps=30", "train.lr=3e-3", "sampling.group_size=8", "sampling.max_new_tokens=16", "train.prompts_per_rank=2",
          "train.micro_batch_size=16", "train.checkpoint_every=0", "train.export=false", "train.sample_every=0"]
 
 
@@ -70,11 +70,13 @@ def test_it_learns_a_toy_reward_and_not_with_the_sign_flipped(tiny_model_dir, tm
 
 @pytest.mark.parametrize("agg, checkpointing", [("seq-mean-token-mean", "false"), ("token-mean", "true")])
 def test_fsdp_two_ranks_equal_one_process(tiny_model_dir, tmp_path, agg, checkpointing):
+    """Two ranks with prefix-shared passes (each group's prompt once, the groups split over micro-batches)
+    give the parameters of one process that runs every completion with its own copy of the prompt."""
     path = tiny_model_dir("qwen2_vl")
     results = []
-    for n in (1, 2):
+    for n, shared in ((1, "false"), (2, "true")):
         out = tmp_path / f"world{n}.pt"
-        script = [f"{ROOT}/tests/fsdp_step.py", path, str(out), agg, checkpointing]
+        script = [f"{ROOT}/tests/fsdp_step.py", path, str(out), agg, checkpointing, "1", shared]
         proc = subprocess.run(TORCHRUN + [f"--nproc_per_node={n}", *script],
                               capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -79,6 +79,7 @@ def test_the_export_is_a_model_for_grpo_and_evaluate(tiny_model_dir, tmp_path):
     os.symlink(f"{ROOT}/tests/data/red_square_right.mp4", tmp_path / "1.mp4")
     ev = subprocess.run([sys.executable, "evaluate.py", "demo.yaml", f"eval.annotations={annotations}",
                          f"eval.video_dir={tmp_path}", f"eval.model={export}", f"eval.out_dir={tmp_path}/eval",
+                         "eval.baseline=",
                          "eval.max_new_tokens=8", "eval.think=false", "eval.max_frames=4"],
                         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert ev.returncode == 0, ev.stderr[-3000:]
@@ -105,7 +106,8 @@ def test_think_target_needs_subjects_and_bad_settings_fail(tiny_model_dir, tmp_p
     for override, message in [("sft.target=both", "sft.target must be one of"),
                               ("sft.grad_clip=-1", "sft.grad_clip must be >= 0"),
                               ("sft.eval_every=5", "needs data.val")]:
-        proc = subprocess.run([sys.executable, "sft.py", "demo.yaml", override], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "sft.py", "demo.yaml", override, "data.val="], capture_output=True,
+                              text=True,
                               timeout=120, cwd=ROOT)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
     help_ = subprocess.run([sys.executable, "sft.py", "--help"], capture_output=True, text=True, cwd=ROOT)

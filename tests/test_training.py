@@ -154,7 +154,7 @@ def test_the_export_carries_the_source_folders_other_files(tiny_model_dir, tmp_p
 def test_the_tiny_model_build_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "tiny")
 
-    def interrupted(folder, kind, seed):
+    def interrupted(folder, kind, seed, *tokenizer_and_shape):
         (tmp_path / "started").write_text(folder)
         raise KeyboardInterrupt
     real = model._write_tiny
@@ -183,3 +183,31 @@ def test_text_chart_and_side_by_side():
     text = training.side_by_side(samples, "reward")
     assert text.splitlines()[0] == "video a: its first and its last sample"
     assert "step 1, reward 0.100" in text and "step 9, reward 2.500" in text and "first a" in text
+
+
+def test_dtypes_follow_the_device_that_computes(tiny_model_dir, world_of_one):
+    """model.dtype resolves against the device that computes, never the CPU the weights are read on: on GPU the
+    policy holds fp32 and computes in bf16, the reference holds and computes in bf16. Checked on CPU through
+    the pure function, then with model.dtype=bfloat16 on a real load (mixed precision under FSDP2 on gloo)."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert training.precision("auto", "cuda", train=True) == (f32, bf16)
+    assert training.precision("auto", "cuda", train=False) == (bf16, bf16)
+    assert training.precision("auto", "cpu", train=True) == training.precision("auto", "cpu", train=False) == (f32, f32)
+    assert training.precision("float16", "cuda", train=False) == (torch.float16, torch.float16)
+    assert training.precision("float32", "cuda", train=False) == (f32, f32)
+    import multinode_worker
+    path = tiny_model_dir("qwen2_vl")
+    cfg = config.load_config(None, [f"model.path={path}", "model.dtype=bfloat16", "data.max_pixels=12544"])
+    policy, tokenizer, kind = training.load_policy(cfg.model, torch.device("cpu"), world_of_one)
+    ref = training.load_policy(cfg.model, torch.device("cpu"), world_of_one, train=False)[0]
+    assert {p.dtype for p in policy.parameters()} == {f32} and policy._get_fsdp_state()._mp_policy.param_dtype == bf16
+    assert {p.dtype for p in ref.parameters()} == {bf16} and ref._get_fsdp_state()._mp_policy.param_dtype is None
+    for model_ in (policy, ref):
+        assert torch.isfinite(multinode_worker.forward_logp(model_, tokenizer, kind, cfg)).all()
+
+
+def test_ranks_are_named_in_spans():
+    assert training.ranks_named([3]) == "rank 3"
+    assert training.ranks_named([8, 9, 10, 12, 14, 15]) == "ranks 8-10, 12, 14-15"
+    assert training.per_rank(["a"]) == "a" and training.per_rank(["", ""]) == ""
+    assert training.per_rank(["", "x", "x", "y"]) == "ranks 1-2: x; rank 3: y"
