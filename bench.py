@@ -4,6 +4,7 @@ process.
     python bench.py            # CPU figures (a few minutes on 2 cores); GPU figures too when CUDA is there
     python bench.py --quick    # small shapes, under a minute: what tests/test_bench.py runs
     python bench.py --load     # section 5 alone: host memory at start-up under torchrun, 1, 2 and 4 ranks
+    python bench.py --demo     # section 6 alone: does `python grpo.py demo.yaml` learn, on seeds 0, 1 and 2?
 
 1. Rollout. model.generate (vision tower and prefill once per prompt, KV cache copied to the G rows) against
    HF generate with num_return_sequences=G (as Video-R1 and R1-V use it; in transformers 5.24 it runs the vision
@@ -31,6 +32,10 @@ process.
    process (after imports and joining the group), the part of it that is the rank's own shards (on a GPU they
    are in GPU memory, not the host's), and the node's total. On a GPU (without --load): the reference's
    log-prob pass held in bf16 against float32, as it ran before training.precision.
+6. The demo (--demo): `python grpo.py demo.yaml seed=S` from nothing (tiny model built, warm start, GRPO) for
+   S = 0, 1, 2, each in its own folder: wall time, the mean total reward (0..3) and format score over the
+   first and last quarter of the GRPO steps (from metrics.jsonl, demo_learning), against the demo's targets:
+   a rise of at least 0.3, a final format score above 0.5, under 3 minutes on 2 CPU cores.
 
 The rollout prompts use grids whose frame count is at most their merged side: there transformers' own M-RoPE
 positions for the text after the video (which ignore the temporal axis, see model.rope_positions) coincide
@@ -38,7 +43,12 @@ with Qwen's rule that model.py follows, so the two generators see the same posit
 """
 import argparse
 import ctypes
+import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 import time
 
 import torch
@@ -507,13 +517,57 @@ def print_training(rows, G, completion, label):
                   f"{p['logp_diff']:>10.1e} " + (f"{p['grad_diff']:>10.1e}" if name == "update" else f"{'-':>10}"))
 
 
+def demo_learning(metrics_path):
+    """The demo's learning figures from a run's metrics.jsonl: the mean of reward (0..3) and of reward_format
+    over the first and the last quarter of the logged steps, and the rise of the reward between them."""
+    with open(metrics_path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    k = max(1, len(lines) // 4)
+
+    def mean(key, part):
+        return sum(m[key] for m in part) / len(part)
+    first, last = mean("reward", lines[:k]), mean("reward", lines[-k:])
+    return {"steps": len(lines), "reward_first": first, "reward_last": last, "rise": last - first,
+            "format_first": mean("reward_format", lines[:k]), "format_last": mean("reward_format", lines[-k:])}
+
+
+def bench_demo(seeds=(0, 1, 2), root="runs/bench-demo"):
+    """Section 6: the demo from nothing on each seed -> rows of demo_learning figures and the wall time."""
+    rows = []
+    for seed in seeds:
+        out = os.path.join(root, f"seed{seed}")
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "grpo.py", "demo.yaml", f"seed={seed}", f"train.out_dir={out}",
+                               f"sft.out_dir={out}/sft", f"model.path={out}/tiny"], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"the demo failed on seed {seed}:\n{proc.stderr[-3000:]}")
+        rows.append({"seed": seed, "seconds": time.perf_counter() - start,
+                     **demo_learning(os.path.join(out, "metrics.jsonl"))})
+    return rows
+
+
+def print_demo(rows):
+    print("\nThe demo, `python grpo.py demo.yaml seed=S` from nothing (build, warm start, GRPO); reward 0..3, "
+          "means over the first and last quarter of the GRPO steps")
+    print(f"{'seed':>4} {'wall s':>7} {'reward first':>13} {'reward last':>12} {'rise':>6} {'format first':>13} "
+          f"{'format last':>12}  targets: rise >= 0.3, format > 0.5, under 180 s")
+    for r in rows:
+        ok = r["rise"] >= 0.3 and r["format_last"] > 0.5 and r["seconds"] < 180
+        print(f"{r['seed']:>4} {r['seconds']:>7.0f} {r['reward_first']:>13.3f} {r['reward_last']:>12.3f} "
+              f"{r['rise']:>6.3f} {r['format_first']:>13.2f} {r['format_last']:>12.2f}  {'met' if ok else 'MISSED'}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes (the test's run)")
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU sections even when CUDA is there")
     ap.add_argument("--load", action="store_true", help="section 5 alone: start-up host memory under torchrun")
     ap.add_argument("--load-worker", nargs=3, help=argparse.SUPPRESS)  # FOLDER WAY OUT, one rank of --load
+    ap.add_argument("--demo", action="store_true", help="section 6 alone: the demo's learning on seeds 0, 1, 2")
     args = ap.parse_args(argv)
+    if args.demo:
+        return print_demo(bench_demo())
     if args.load_worker:
         return load_worker(*args.load_worker)
     if args.load:

@@ -1,5 +1,6 @@
 """bench.py: the quick run end to end (figures printed, greedy outputs identical to HF generate's, GPU sections
 skipped cleanly without CUDA), its memory measure, and the GPU sections' functions exercised on CPU."""
+import json
 import math
 import subprocess
 import sys
@@ -84,3 +85,17 @@ def test_the_reference_dtype_section_runs_on_cpu():
     r = bench.bench_reference_dtype(hf, 64, 8)
     assert r["bf16_s"] > 0 and r["fp32_s"] > 0 and r["speedup"] > 0
     assert hf.dtype == torch.bfloat16          # handed back as it came
+
+
+def test_demo_learning_figures_from_metrics(tmp_path):
+    """bench.py --demo's figures: quarter means of reward and reward_format, worked out by hand."""
+    rewards = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6]           # 8 steps: quarters of 2
+    formats = [0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": k + 1, "reward": r, "reward_format": f}) + "\n"
+                            for k, (r, f) in enumerate(zip(rewards, formats))))
+    figures = bench.demo_learning(path)
+    assert figures["steps"] == 8
+    assert figures["reward_first"] == pytest.approx(0.3) and figures["reward_last"] == pytest.approx(1.5)
+    assert figures["rise"] == pytest.approx(1.2)
+    assert figures["format_first"] == pytest.approx(0.25) and figures["format_last"] == pytest.approx(1.0)
