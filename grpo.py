@@ -25,7 +25,6 @@ Where this goes beyond or deviates from the paper (arXiv 2506.01725), all in con
   is training.py's, shared with sft.py.
 """
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -348,9 +347,21 @@ def train(cfg, reward_fn=None):
 
 def warm_start(cfg, rank, world, device, mesh):
     """sft.py's supervised stage (the sft: section) unless its export already exists; GRPO then starts
-    from that export, which is also its reference model."""
+    from that export, which is also its reference model. An export made from another model.path or
+    sft.target (its run folder's config.yaml says) is refused rather than silently trained on."""
     export = os.path.join(cfg.sft.out_dir, "export")
-    if training.broadcast(os.path.isfile(os.path.join(export, "config.json"))):  # as rank 0 sees it
+
+    def done():
+        if not os.path.isfile(os.path.join(export, "config.json")):
+            return False
+        made = config_lib.load_config(os.path.join(cfg.sft.out_dir, "config.yaml"))
+        if (made.model.path, made.sft.target) != (cfg.model.path, cfg.sft.target):
+            raise config_lib.ConfigError(
+                f"train.warm_start: {export} was made from model.path={made.model.path} with sft.target="
+                f"{made.sft.target}, not {cfg.model.path} with {cfg.sft.target}: set sft.out_dir to another "
+                f"folder, or delete {cfg.sft.out_dir} to run the warm start again")
+        return True
+    if training.on_rank0(done):  # as rank 0 sees the disk
         print0(f"warm start: {export} exists, GRPO starts from it")
     else:
         print0(f"warm start: sft.py's stage (sft.target={cfg.sft.target}) into {cfg.sft.out_dir}")
@@ -460,8 +471,7 @@ def run(cfg, reward_fn, rank, world, device, mesh):
             log(metrics, step + 1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0):.4f}")
         if rank == 0:  # every step's first sample is kept; every sample_every-th is printed
-            with open(os.path.join(t.out_dir, "samples.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step + 1, **sample}) + "\n")
+            training.append_jsonl(os.path.join(t.out_dir, "samples.jsonl"), {"step": step + 1, **sample})
             if t.sample_every and (step + 1) % t.sample_every == 0:
                 tqdm.write(f"[step {step + 1}] reward {sample['reward']:.3f}: {sample['text'][:300]!r}")
         stop_now = stop()

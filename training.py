@@ -27,6 +27,7 @@ Choices beyond the paper (which does not describe its training code):
   disk every node reaches (check_shared).
 """
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -82,13 +83,26 @@ def launch(program, run_fn, timeout, replicate=1):
         return run_fn(rank, world, device, mesh)
     except BaseException as e:
         if world > 1:
-            why = f"{program}: {e}" if isinstance(e, USER_ERRORS) else traceback.format_exc()
+            why = f"{program}: {message}" if (message := user_error(e)) else traceback.format_exc()
             print(f"[rank {rank}] {why}", file=sys.stderr, flush=True)
             os._exit(1)
         raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def user_error(e):
+    """The one-line message for an error a user can fix (USER_ERRORS, a write refused by a full or read-only
+    disk), or None for a bug, which deserves its traceback."""
+    if isinstance(e, USER_ERRORS):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
+        return f"cannot write {e.filename or 'a file'} (disk full or not writable?): {e.strerror}"
+    return None
 
 
 def main(program, argv, doc, check, train):
@@ -109,8 +123,10 @@ def main(program, argv, doc, check, train):
         train(cfg)
     except config_lib.ConfigError as e:
         sys.exit(f"config error: {e}")
-    except USER_ERRORS as e:
-        sys.exit(f"{program}: {e}")
+    except Exception as e:  # noqa: BLE001 - a user's error ends in one line, a bug re-raises with its traceback
+        if (message := user_error(e)) is None:
+            raise
+        sys.exit(f"{program}: {message}")
 
 # ----------------------------------------------------------------------------- distributed
 
@@ -704,8 +720,7 @@ def make_logger(run, config_dict, rank):
     path = os.path.join(out_dir, "metrics.jsonl")
 
     def log(metrics, step):
-        with open(path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        append_jsonl(path, {"step": step, **metrics})
         for sink in sinks:
             sink(metrics, step)
     return log
@@ -735,6 +750,17 @@ def text_chart(values, width=48):
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
     span = hi - lo or 1.0
     return "".join(" " if m is None else BARS[1 + round((m - lo) / span * (len(BARS) - 2))] for m in means)
+
+
+def append_jsonl(path, obj):
+    """One line onto a run's log; a failed write (a full disk) stops the run saying which file, with the
+    checkpoints as they were."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(obj) + "\n")
+    except OSError as e:
+        raise StopRun(f"cannot write {path} (disk full or not writable?): {e.strerror or e}; the checkpoints "
+                      "written so far are intact: make room and rerun the same command to resume") from None
 
 
 def read_jsonl(path):

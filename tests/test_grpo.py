@@ -145,6 +145,10 @@ def test_demo_end_to_end(tiny_model_dir, tmp_path, nproc):
     assert "done: 2 SFT steps" in proc.stdout  # the warm start ran first, and GRPO started from its export
     saved = config.load_config(tmp_path / "config.yaml")
     assert saved.train.steps == 3 and saved.model.path == f"{tmp_path}/sft/export"
+    if nproc == 1:  # a warm start made from another model is refused, not silently reused
+        again = run_grpo(["demo.yaml", f"model.path={path}-other", f"train.out_dir={tmp_path}",
+                          f"sft.out_dir={tmp_path}/sft"])
+        assert again.returncode == 1 and f"{tmp_path}/sft/export was made from model.path={path}" in again.stderr
     hf, kind = model.load_model(str(tmp_path / "export"), saved.model, "cpu", train=False)
     assert kind == "qwen2_vl" and model.load_tokenizer(str(tmp_path / "export")).pad_token_id is not None
 
@@ -179,7 +183,8 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_pa
     ("model.path=/nonexistent/model", "/nonexistent/model"),
 ])
 def test_bad_configs_fail_clearly(tmp_path, override, message):
-    proc = run_grpo(["demo.yaml", f"train.out_dir={tmp_path}", "model.build_tiny=", override], timeout=120)
+    proc = run_grpo(["demo.yaml", f"train.out_dir={tmp_path}", f"sft.out_dir={tmp_path}/sft", "model.build_tiny=",
+                     override], timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
 
@@ -229,17 +234,32 @@ def test_a_judge_gone_for_good_stops_the_run_with_a_checkpoint(tiny_model_dir, t
     assert "groups dropped from the loss: 4 of 8: 4 because a judge call failed" in capsys.readouterr().out
 
 
-def test_commands_answer_help_and_refuse_unknown_options():
-    for command in (["grpo.py"], ["sft.py"], ["evaluate.py"], ["data.py", "prepare"], ["data.py", "check"],
-                    ["data.py"], ["bench.py"]):
-        proc = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, cwd=ROOT,
-                              timeout=60)
-        assert proc.returncode == 0 and "usage" in proc.stdout.lower(), (command, proc.stdout[-500:], proc.stderr)
-    for command in (["grpo.py", "demo.yaml"], ["sft.py", "demo.yaml"], ["evaluate.py", "demo.yaml"]):
-        proc = subprocess.run([sys.executable, *command, "--frobnicate"], capture_output=True, text=True,
-                              cwd=ROOT, timeout=60)
-        assert proc.returncode == 2 and "--frobnicate" in proc.stderr and len(proc.stderr.splitlines()) == 1, \
-            (command, proc.stderr)
+def run_main(main, argv, capsys):
+    """A command's main(argv) in this process -> (exit status, stdout, stderr)."""
+    try:
+        status = main(argv) or 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_commands_answer_help_and_refuse_unknown_options(capsys):
+    import bench
+    import data
+    import evaluate
+    import sft
+    for main, argv in [(grpo.main, ["--help"]), (sft.main, ["--help"]), (evaluate.main, ["--help"]),
+                       (data.main, ["prepare", "--help"]), (data.main, ["check", "--help"]), (data.main, ["--help"]),
+                       (bench.main, ["--help"])]:
+        status, out, err = run_main(main, argv, capsys)
+        assert status == 0 and "usage" in out.lower(), (main.__module__, argv, out[-500:], err)
+    for main in (grpo.main, sft.main, evaluate.main):
+        status, out, err = run_main(main, ["demo.yaml", "--frobnicate"], capsys)
+        assert status == 2 and "--frobnicate" in err and len(err.splitlines()) == 1, (main.__module__, err)
+    # and the scripts themselves, once
+    proc = subprocess.run([sys.executable, "grpo.py", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python grpo.py")
 
 
 HANG = """
@@ -264,3 +284,45 @@ def test_the_collective_timeout_ends_a_wait_for_a_hung_rank(tmp_path):
                           cwd=ROOT, timeout=100, env={**os.environ, "PYTHONPATH": ROOT})
     assert "rank 0 stopped waiting after" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     assert proc.returncode != 0 and time.time() - start < 90
+
+
+def test_logged_loss_is_the_mean_of_the_passes_applied(tiny_model_dir, tmp_path, monkeypatch):
+    """num_iterations=3 with the second pass non-finite: the loss logged is the mean of passes 1 and 3."""
+    path = tiny_model_dir("qwen2_vl")
+    loss_fn, losses = grpo.policy_loss, []
+
+    def second_pass_nan(*args, **kwargs):
+        loss, stats = loss_fn(*args, **kwargs)
+        if len(losses) == 1:
+            loss = loss * math.nan
+        losses.append(loss.item())
+        return loss, stats
+    monkeypatch.setattr(grpo, "policy_loss", second_pass_nan)
+    # 2 videos x G = 8 rows in one micro-batch of 16: one policy_loss call per pass
+    cfg = demo_cfg(path, tmp_path, *LEARN, "train.steps=1", "train.num_iterations=3", "train.lr=1e-4")
+    metrics = grpo.train(cfg, reward_fn=letters_reward(path))
+    assert len(losses) == 3 and math.isnan(losses[1]) and metrics["nonfinite"] == 1
+    assert metrics["loss"] == pytest.approx((losses[0] + losses[2]) / 2)
+
+
+def test_held_out_rewards_are_logged(tiny_model_dir, tmp_path):
+    path = tiny_model_dir("qwen2_vl")
+    cfg = demo_cfg(path, tmp_path, *LEARN, "train.steps=2", "train.eval_every=2",
+                   f"data.val={ROOT}/tests/data/heldout/val.jsonl")
+    grpo.train(cfg, reward_fn=letters_reward(path))
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert "val_reward" not in lines[0] and 0 < lines[1]["val_reward"] <= 1
+    assert lines[1]["val_reward"] == lines[1]["val_reward_letters"]
+
+
+def test_a_full_disk_while_logging_names_the_file(tiny_model_dir, tmp_path):
+    path = tiny_model_dir("qwen2_vl")
+    # ulimit -f 4: no file past 4 KiB; config.yaml (3 KiB) fits, metrics.jsonl fills up after some 5 steps
+    proc = subprocess.run(["bash", "-c", 'ulimit -f 4; exec "$0" "$@"', sys.executable, "grpo.py", "demo.yaml",
+                           f"model.path={path}", f"train.out_dir={tmp_path}", "train.warm_start=false",
+                           "train.steps=40", "train.checkpoint_every=0", "train.export=false",
+                           "sampling.max_new_tokens=48", "train.prompts_per_rank=1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"grpo.py: cannot write {tmp_path}/metrics.jsonl (disk full or not writable?)" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -134,3 +134,45 @@ def test_lr_schedule():
     assert lr_factor(2, cfg.train) == pytest.approx(1.0) and lr_factor(10, cfg.train) == pytest.approx(0.1)
     cfg.train.lr_schedule = "linear"
     assert lr_factor(6, cfg.train) == pytest.approx(0.55)
+
+
+ADV_RANKS = """
+import sys, torch, torch.distributed as dist, grpo, training
+rank, world, device, mesh = training.init_distributed()
+g = torch.Generator().manual_seed(0)
+rewards = torch.rand(6, 4, generator=g, dtype=torch.float64) * 3       # the global batch: 6 groups of G = 4
+rewards[1, 2] = float("nan")                                           # a failed judge call: group 1 is dropped
+mine = rewards[rank::world]                                            # rank r takes groups r, r + world, ...
+judged = torch.isfinite(mine).all(dim=1)
+adv = grpo.group_advantages(torch.nan_to_num(mine), "batch", 1e-4, grpo.batch_std(mine, judged))
+torch.save({"rank": rank, "adv": adv, "judged": judged}, sys.argv[1] + f".{rank}")
+dist.destroy_process_group()
+"""
+
+
+def test_batch_scale_is_the_global_batchs_std_on_any_number_of_ranks(tmp_path):
+    """adv_scale: batch with 2 gloo ranks equals one process on the concatenated batch, written out here:
+    (r - group mean) / (unbiased std of every reward of the groups without a failed judge call + eps)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "adv.py"
+    script.write_text(ADV_RANKS)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path / "adv")], capture_output=True, text=True, timeout=120,
+                          cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.rand(6, 4, generator=g, dtype=torch.float64) * 3
+    kept = torch.cat([rewards[0], rewards[2:].flatten()])                  # 20 valid rewards
+    mean = kept.sum() / len(kept)
+    std = math.sqrt(sum((x - mean) ** 2 for x in kept.tolist()) / (len(kept) - 1))
+    for rank in (0, 1):
+        out = torch.load(tmp_path / f"adv.{rank}")
+        for k, b in enumerate(range(rank, 6, 2)):
+            if b == 1:
+                assert not out["judged"][k]
+                continue
+            expected = (rewards[b] - rewards[b].mean()) / (std + 1e-4)
+            assert torch.allclose(out["adv"][k], expected, atol=1e-12), (rank, b)
