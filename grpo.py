@@ -474,18 +474,14 @@ def run(cfg, reward_fn, rank, world, device, mesh):
             training.append_jsonl(os.path.join(t.out_dir, "samples.jsonl"), {"step": step + 1, **sample})
             if t.sample_every and (step + 1) % t.sample_every == 0:
                 tqdm.write(f"[step {step + 1}] reward {sample['reward']:.3f}: {sample['text'][:300]!r}")
-        stop_now = stop()
-        if stop_now or step + 1 == t.steps or (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0):
+        stopping = stop()  # a SIGTERM on any rank
+        if training.checkpoint_due(step + 1, t, stopping):
             checkpoint(step + 1)
-        if stop_now:
+        if stopping:
             print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with resume=auto to continue")
             return metrics
     bar.close()
-    if t.export:
-        training.export_hf(policy, tokenizer, os.path.join(t.out_dir, "export"),
-                           model_lib.resolve_dtype(cfg.model.dtype, device), rank, source=cfg.model.path)
-    if rank == 0:
-        print(summary(t.out_dir, t))
+    training.finish(policy, tokenizer, t, cfg.model, device, rank, summary)
     return metrics
 
 
@@ -494,14 +490,7 @@ def summary(out, t):
     over the first and last quarter of the steps, how many steps updated the model, and the first and the
     last sample of one video side by side."""
     lines = training.read_jsonl(os.path.join(out, "metrics.jsonl"))
-    k = max(1, len(lines) // 4)
-    keys = [key for key in lines[-1] if key.startswith(("reward", "val_reward"))]
-    rows = []
-    for key in keys:
-        series = [m.get(key, math.nan) for m in lines]
-        early, late = [x for x in series[:k] if x == x], [x for x in series[-k:] if x == x]
-        mean = (lambda xs: f"{sum(xs) / len(xs):.3f}" if xs else "  n/a")
-        rows.append(f"  {key:<18} {mean(early)} -> {mean(late)}  {training.text_chart(series)}")
+    keys = dict.fromkeys(key for m in lines for key in m if key.startswith(("reward", "val_reward")))
     updated = sum(1 for m in lines if "loss" in m and m["nonfinite"] < t.num_iterations)
     note = ("" if updated else "\nno step had a group with unequal rewards, so none updated the model "
             "(a random model writes no <think>/<answer>: every sample scores 0)")
@@ -511,7 +500,8 @@ def summary(out, t):
     text = (f"done: {t.steps} steps, {updated} of {len(lines)} logged steps updated the model{note}\n"
             f"groups dropped from the loss: {dropped} of {groups:.0f}: {failed} because a judge call failed, "
             f"{dropped - failed} because all their rewards tied\n"
-            f"mean of the first and last {k} logged steps, and the curve over all of them:\n" + "\n".join(rows))
+            "mean of the first and last quarter of the logged steps, and the curve over all of them:\n"
+            + "\n".join(training.curves(lines, keys)))
     samples = training.read_jsonl(os.path.join(out, "samples.jsonl"))
     text += "\n" + training.side_by_side(samples, "reward")
     return (text + f"\nlast peak memory {lines[-1]['peak_mem_gb']:.2f} GB\n"

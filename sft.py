@@ -33,7 +33,6 @@ from tqdm import tqdm
 
 import config as config_lib
 import data
-import model as model_lib
 import rewards
 import training
 from training import print0, reduce
@@ -192,34 +191,23 @@ def run(cfg, rank, world, device, mesh):
         if (step + 1) % s.log_every == 0:
             log(metrics, step + 1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        stop_now = stop()
-        if stop_now or step + 1 == s.steps or (s.checkpoint_every and (step + 1) % s.checkpoint_every == 0):
+        stopping = stop()  # a SIGTERM on any rank
+        if training.checkpoint_due(step + 1, s, stopping):
             checkpoint(step + 1)
-        if stop_now:
+        if stopping:
             print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with resume=auto to continue")
             return metrics
     bar.close()
-    if s.export:
-        training.export_hf(policy, tokenizer, os.path.join(s.out_dir, "export"),
-                           model_lib.resolve_dtype(cfg.model.dtype, device), rank, source=cfg.model.path)
-    if rank == 0:
-        print(summary(s.out_dir, s))
+    training.finish(policy, tokenizer, s, cfg.model, device, rank, summary)
     return metrics
 
 
 def summary(out, s):
     """The loss (and held-out loss) over the first and last quarter of the steps, with its curve."""
     lines = training.read_jsonl(os.path.join(out, "metrics.jsonl"))
-    k = max(1, len(lines) // 4)
-    rows = []
-    for key in ("loss", "val_loss"):
-        series = [m[key] for m in lines if key in m]
-        if series:
-            q = max(1, len(series) // 4)
-            rows.append(f"  {key:<9} {sum(series[:q]) / q:.3f} -> {sum(series[-q:]) / q:.3f}  "
-                        f"{training.text_chart(series)}")
-    return (f"done: {s.steps} SFT steps; mean of the first and last {k} logged steps, and the curve:\n"
-            + "\n".join(rows) + f"\nmetrics: {out}/metrics.jsonl, export: {out}/export")
+    return (f"done: {s.steps} SFT steps; mean of the first and last quarter of the logged steps, and the curve:\n"
+            + "\n".join(training.curves(lines, ("loss", "val_loss")))
+            + f"\nmetrics: {out}/metrics.jsonl, export: {out}/export")
 
 
 def main(argv):

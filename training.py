@@ -771,6 +771,34 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def curves(lines, keys):
+    """Summary rows, one per key: the mean over the first and the last quarter of the logged steps that
+    have the key, then its text_chart."""
+    rows = []
+    for key in keys:
+        series = [m[key] for m in lines if key in m and m[key] == m[key]]
+        if series:
+            k = max(1, len(series) // 4)
+            rows.append(f"  {key:<18} {sum(series[:k]) / k:.3f} -> {sum(series[-k:]) / k:.3f}  "
+                        f"{text_chart(series)}")
+    return rows
+
+
+def checkpoint_due(step, run, stopping):
+    """Whether to checkpoint after `step` (1-based): every run.checkpoint_every steps, after the last, and
+    when a SIGTERM asks the run to stop."""
+    return stopping or step == run.steps or bool(run.checkpoint_every and step % run.checkpoint_every == 0)
+
+
+def finish(policy, tokenizer, run, model_cfg, device, rank, summary):
+    """The end of a run: the HF export (run.export) and, on rank 0, the printed summary(run.out_dir, run)."""
+    if run.export:
+        export_hf(policy, tokenizer, os.path.join(run.out_dir, "export"),
+                  model_lib.resolve_dtype(model_cfg.dtype, device), rank, source=model_cfg.path)
+    if rank == 0:
+        print(summary(run.out_dir, run))
+
+
 def side_by_side(samples, score, width=46):
     """The first and the last sample of one video (the one seen furthest apart) in two columns, each
     headed by its step and `score`; samples: [{"step", "video", "text", score, ...}]."""

@@ -44,7 +44,8 @@ def rewards_logged(out_dir):
         return [json.loads(line)["reward"] for line in f]
 
 
-LEARN = ["train.steps=30", "train.lr=3e-3", "sampling.group_size=8", "sampling.max_new_tokens=16", "train.prompts_per_rank=2",
+LEARN = ["train.steps=30", "train.lr=3e-3", "sampling.group_size=8", "sampling.max_new_tokens=16",
+         "train.prompts_per_rank=2",
          "train.micro_batch_size=16", "train.checkpoint_every=0", "train.export=false", "train.sample_every=0"]
 
 
