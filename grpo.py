@@ -376,6 +376,8 @@ def run(cfg, reward_fn, rank, world, device, mesh):
     need = rewards.required_fields(cfg.reward)  # e.g. subjects for Tscore: a record without them stops here
     records = data.load_records(cfg.data.train, need)  # before any model loads: bad data fails fast
     val = data.load_records(cfg.data.val, need) if t.eval_every else []
+    if len(val) < world and t.eval_every:
+        raise data.DataError(f"{cfg.data.val}: {len(val)} held-out records for {world} ranks; every rank needs one")
     with open(cfg.data.prompt_file) as f:
         instruction = f.read().strip()
 
@@ -449,7 +451,7 @@ def run(cfg, reward_fn, rank, world, device, mesh):
         nonfinite_run = nonfinite_run + 1 if skipped else 0
         if nonfinite_run > t.max_nonfinite_steps:
             raise training.StopRun(f"{nonfinite_run} steps in a row had a non-finite loss or gradient; "
-                               "lower train.lr or check the rewards in metrics.jsonl")
+                                   "lower train.lr or check the rewards in metrics.jsonl")
         metrics.update(lr=scheduler.get_last_lr()[0], bad_videos=stream.bad, epoch=stream.epoch,
                        peak_mem_gb=training.peak_memory_gb(device))
         judged.append(metrics["judge_failed_groups"])

@@ -126,11 +126,11 @@ def run(cfg, rank, world, device, mesh):
     """The supervised loop on an initialised process group (grpo.py's train.warm_start calls it too)."""
     s = cfg.sft
     training.seed_everything(cfg.seed)
-    records = data.load_records(cfg.data.train)
-    val = data.load_records(cfg.data.val) if s.eval_every else []
-    if s.target == "think" and (missing := [r.id for r in records + val if r.subjects is None]):
-        raise data.DataError(f"sft.target=think needs subjects on every record; {len(missing)} lack them "
-                             f"(first: id {missing[0]!r}): run python data.py prepare, or set sft.target=caption")
+    need = {"subjects": "sft.target=think"} if s.target == "think" else {}  # the think block is made from them
+    records = data.load_records(cfg.data.train, need)
+    val = data.load_records(cfg.data.val, need) if s.eval_every else []
+    if len(val) < world and s.eval_every:
+        raise data.DataError(f"{cfg.data.val}: {len(val)} held-out records for {world} ranks; every rank needs one")
     if s.target == "think":
         with open(cfg.data.prompt_file) as f:
             instruction = f.read().strip()
@@ -182,7 +182,7 @@ def run(cfg, rank, world, device, mesh):
         nonfinite_run = nonfinite_run + 1 if metrics["nonfinite"] else 0
         if nonfinite_run > s.max_nonfinite_steps:
             raise training.StopRun(f"{nonfinite_run} steps in a row had a non-finite loss or gradient; "
-                               "lower sft.lr")
+                                   "lower sft.lr")
         seconds = reduce([time.perf_counter() - t0], dist.ReduceOp.MAX)[0]
         metrics.update(lr=scheduler.get_last_lr()[0], tokens_s=metrics["tokens"] / seconds, time_step=seconds,
                        bad_videos=stream.bad, epoch=stream.epoch, peak_mem_gb=training.peak_memory_gb(device))

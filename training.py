@@ -69,7 +69,7 @@ class StopRun(RuntimeError):
 
 
 # What a user can fix: these end a run with their one-line message, anything else with a traceback
-USER_ERRORS = (config_lib.ConfigError, data.DataError, model_lib.ModelError, rewards.JudgeError,
+USER_ERRORS = (config_lib.ConfigError, data.DataError, data.VideoError, model_lib.ModelError, rewards.JudgeError,
                CheckpointError, StopRun)
 
 

@@ -101,7 +101,7 @@ def test_targets(tiny_tokenizer):
 def test_think_target_needs_subjects_and_bad_settings_fail(tiny_model_dir, tmp_path):
     bare = tmp_path / "bare.jsonl"
     bare.write_text(json.dumps({"video": f"{ROOT}/tests/data/red_square_right.mp4", "caption": "x"}) + "\n")
-    with pytest.raises(data.DataError, match="needs subjects on every record"):
+    with pytest.raises(data.DataError, match=r"bare.jsonl:1: no 'subjects' .*which sft.target=think needs"):
         sft.train(sft_cfg(tiny_model_dir("qwen2_vl"), tmp_path, f"data.train={bare}", "sft.prompts_per_rank=1"))
     for override, message in [("sft.target=both", "sft.target must be one of"),
                               ("sft.grad_clip=-1", "sft.grad_clip must be >= 0"),
