@@ -162,7 +162,7 @@ def test_batch_scale_is_the_global_batchs_std_on_any_number_of_ranks(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script), str(tmp_path / "adv")], capture_output=True, text=True, timeout=120,
                           cwd=root, env={**os.environ, "PYTHONPATH": root})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-3000:]
     g = torch.Generator().manual_seed(0)
     rewards = torch.rand(6, 4, generator=g, dtype=torch.float64) * 3
     kept = torch.cat([rewards[0], rewards[2:].flatten()])                  # 20 valid rewards
