@@ -339,6 +339,12 @@ def encode(video_path, instruction, tokenizer, cfg, model_type, vision_cfg=None)
             "second_per_grid_ts": torch.tensor([tps / fps], dtype=torch.float32)}  # (1,) seconds per t step
 
 
+def tokenizer_texts(records, instruction) -> list[str]:
+    """What a tiny model's BPE tokenizer learns from (model.tiny_vocab): the prompt and every record's
+    reference output."""
+    return [instruction] + [rewards.reference_output(r) for r in records]
+
+
 def collate(prompts, pad_id) -> dict:
     """B encoded prompts -> a batch: input_ids, attention_mask, mm_token_type_ids (B, L) left-padded (pad_id,
     0, 0) so that every prompt ends where generation starts; pixel_values_videos (sum P, 1176) in row

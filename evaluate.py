@@ -969,7 +969,9 @@ def evaluate(cfg):
             config_lib.save_config(cfg, os.path.join(e.out_dir, "config.yaml"))
             if not e.model and cfg.model.build_tiny and not os.path.exists(cfg.model.path):
                 import model as model_lib  # the demo's tiny random model, as grpo.py builds it
-                model_lib.build_tiny(cfg.model.path, cfg.model.build_tiny, seed=cfg.seed)
+                texts = data.tokenizer_texts(data.load_records(cfg.data.train), Path(cfg.data.prompt_file)
+                                             .read_text().strip()) if cfg.model.tiny_vocab else ()
+                model_lib.build_configured(cfg.model, cfg.seed, texts)
             merge(pred_path)  # leftovers of an interrupted run
         barrier()
         start = time.perf_counter()

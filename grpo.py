@@ -375,16 +375,14 @@ def run(cfg, reward_fn, rank, world, device, mesh):
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1009 + rank)
     need = rewards.required_fields(cfg.reward)  # e.g. subjects for Tscore: a record without them stops here
     records = data.load_records(cfg.data.train, need)  # before any model loads: bad data fails fast
-    val = data.load_records(cfg.data.val, need) if t.eval_every else []
-    if len(val) < world and t.eval_every:
-        raise data.DataError(f"{cfg.data.val}: {len(val)} held-out records for {world} ranks; every rank needs one")
+    val = training.load_heldout(cfg.data.val, need, world) if t.eval_every else []
     with open(cfg.data.prompt_file) as f:
         instruction = f.read().strip()
 
     training.check_shared(os.path.join(t.out_dir, "checkpoints"))  # on a disk every node reaches? Before any load
 
     # model: the policy (fp32 master weights, bf16 compute on GPU) and the frozen reference (bf16 on GPU)
-    training.ensure_model(cfg.model, cfg.seed, training.tokenizer_texts(records, instruction))
+    training.ensure_model(cfg.model, cfg.seed, data.tokenizer_texts(records, instruction))
     policy, tokenizer, model_type = training.load_policy(cfg.model, device, mesh)
     ref = training.load_policy(cfg.model, device, mesh, train=False, offload=t.ref_offload)[0] \
         if t.beta > 0 else None  # with beta == 0 the reference is never loaded

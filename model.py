@@ -120,6 +120,13 @@ def build_tiny(path, kind, seed=0, texts=(), vocab_size=0, hidden=64, layers=2):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def build_configured(model_cfg, seed=0, texts=()):
+    """build_tiny at model.path with model.build_tiny's kind and the model.tiny_* sizes, its BPE tokenizer
+    (model.tiny_vocab) learned from `texts` (data.tokenizer_texts); what every program builds alike."""
+    m = model_cfg
+    build_tiny(m.path, m.build_tiny, seed, texts, m.tiny_vocab, m.tiny_hidden, m.tiny_layers)
+
+
 def _write_tiny(path, kind, seed, texts=(), vocab_size=0, hidden=64, layers=2):
     from transformers import AutoConfig, GenerationConfig
     tok = build_tokenizer(path, texts, vocab_size)

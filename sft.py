@@ -128,9 +128,7 @@ def run(cfg, rank, world, device, mesh):
     training.seed_everything(cfg.seed)
     need = {"subjects": "sft.target=think"} if s.target == "think" else {}  # the think block is made from them
     records = data.load_records(cfg.data.train, need)
-    val = data.load_records(cfg.data.val, need) if s.eval_every else []
-    if len(val) < world and s.eval_every:
-        raise data.DataError(f"{cfg.data.val}: {len(val)} held-out records for {world} ranks; every rank needs one")
+    val = training.load_heldout(cfg.data.val, need, world) if s.eval_every else []
     if s.target == "think":
         with open(cfg.data.prompt_file) as f:
             instruction = f.read().strip()
@@ -138,7 +136,7 @@ def run(cfg, rank, world, device, mesh):
         instruction = data.CAPTION_PROMPT
 
     training.check_shared(os.path.join(s.out_dir, "checkpoints"))  # on a disk every node reaches? Before any load
-    training.ensure_model(cfg.model, cfg.seed, training.tokenizer_texts(records, instruction))
+    training.ensure_model(cfg.model, cfg.seed, data.tokenizer_texts(records, instruction))
     policy, tokenizer, model_type = training.load_policy(cfg.model, device, mesh)
     vision_cfg = policy.hf.config.vision_config
 

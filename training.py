@@ -279,11 +279,6 @@ def shard(policy, mesh, device, *, compute_dtype, offload=False):
     return policy
 
 
-def tokenizer_texts(records, instruction):
-    """What a tiny model's BPE tokenizer learns from: the prompt and every record's reference output."""
-    return [instruction] + [rewards.reference_output(r) for r in records]
-
-
 def load_policy(model_cfg, device, mesh, *, train=True, offload=False):
     """The model at model_cfg.path as a sharded Policy -> (policy, tokenizer, kind). train=True: the policy,
     fp32 master weights computing in model.dtype; train=False: the frozen reference, held and computed in it
@@ -595,9 +590,8 @@ def resume(run, policy, optimizer, scheduler, rank, settings=None, fixed=()):
     samples.jsonl and changes.jsonl are cut back to the start step, so that steps redone after a crash
     appear once."""
     ckpt_dir = os.path.join(run.out_dir, "checkpoints")
-    candidates = [] if run.resume == "never" else complete_checkpoints(ckpt_dir) if run.resume == "auto" \
-        else [run.resume]
-    candidates = broadcast(candidates)
+    candidates = on_rank0(lambda: [] if run.resume == "never" else complete_checkpoints(ckpt_dir)
+                          if run.resume == "auto" else [run.resume])  # rank 0 lists, and warns, once
     start, extra, path = 0, None, None
     for k, candidate in enumerate(candidates):
         error = ""
@@ -835,10 +829,16 @@ def ensure_model(model_cfg, seed=0, texts=()):
     """With model.build_tiny, build the tiny random model at model.path when rank 0 sees nothing there (only
     rank 0 reads the model folder, load_policy), its BPE tokenizer (model.tiny_vocab) learned from `texts`; the
     others wait. model.build_tiny writes into a temporary folder and renames it when complete."""
-    m = model_cfg
-
     def build():
-        if m.build_tiny and not os.path.exists(m.path):
-            print(f"building a tiny random {m.build_tiny} model at {m.path}", flush=True)
-            model_lib.build_tiny(m.path, m.build_tiny, seed, texts, m.tiny_vocab, m.tiny_hidden, m.tiny_layers)
+        if model_cfg.build_tiny and not os.path.exists(model_cfg.path):
+            print(f"building a tiny random {model_cfg.build_tiny} model at {model_cfg.path}", flush=True)
+            model_lib.build_configured(model_cfg, seed, texts)
     on_rank0(build)
+
+
+def load_heldout(path, require, world):
+    """The held-out records of data.val (load_records' checks), at least one per rank."""
+    val = data.load_records(path, require)
+    if len(val) < world:
+        raise data.DataError(f"{path}: {len(val)} held-out records for {world} ranks; every rank needs one")
+    return val

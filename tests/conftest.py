@@ -47,3 +47,17 @@ def tiny_tokenizer(tmp_path_factory):
     """The tiny model's byte-level tokenizer with Qwen's special tokens and chat template."""
     import model
     return model.build_tokenizer(str(tmp_path_factory.mktemp("tiny-tokenizer")))
+
+
+# ---- resume checks (grpo.py, sft.py)
+def assert_resume_is_exact(straight, resumed, initial):
+    """The exports of an uninterrupted run and of a stopped-and-resumed one are bit-identical, and differ from
+    the `initial` model folder (the runs did train)."""
+    import torch
+    from safetensors.torch import load_file
+    straight = load_file(f"{straight}/export/model.safetensors")
+    resumed = load_file(f"{resumed}/export/model.safetensors")
+    initial = load_file(f"{initial}/model.safetensors")
+    assert any(not torch.equal(straight[k], initial[k]) for k in straight)  # it did train
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
