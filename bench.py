@@ -27,10 +27,11 @@ process.
    shape in bf16 (where the differences are bf16 rounding).
 5. Start-up (--load, CPU): torchrun with 1, 2 and 4 ranks loads the policy and the reference (model.dtype auto:
    both float32 on CPU) of a random Qwen2-VL of about 200M parameters, saved in bf16 as Qwen's checkpoints are,
-   the old way, every rank reading the whole model before sharding it, and as training.load_policy does, rank
-   0 reading and the others building on the meta device: each rank's resident high-water mark above the idle
-   process (after imports and joining the group), the part of it that is the rank's own shards (on a GPU they
-   are in GPU memory, not the host's), and the node's total. On a GPU (without --load): the reference's
+   the old way, every rank reading the whole model before sharding it, and as training.load_policy does, every
+   rank building on the meta device and rank 0 streaming the safetensors files into the shards one tensor at
+   a time (at 4 ranks also with model.dtype=bfloat16: the reference held in bf16, as on a GPU): each rank's
+   resident high-water mark above the idle process (after imports and joining the group), in all and beyond
+   the rank's own shards (on a GPU they are in GPU memory, not the host's), and the node's total. On a GPU (without --load): the reference's
    log-prob pass held in bf16 against float32, as it ran before training.precision.
 6. The demo (--demo): `python grpo.py demo.yaml seed=S` from nothing (tiny model built, warm start, GRPO) for
    S = 0, 1, 2, each in its own folder: wall time, the mean total reward (0..3) and format score over the
@@ -398,18 +399,21 @@ def load_every_rank(model_cfg, device, mesh, train):
 
 
 def load_worker(folder, way, out):
-    """Under torchrun: load the policy and the reference at `folder` `way` ("every-rank" or "rank0"); rank 0
-    writes every rank's resident high-water mark above its idle size (bytes) to `out`."""
+    """Under torchrun: load the policy and the reference at `folder` `way` ("every-rank"; "rank0" for
+    training.load_policy; "rank0-bf16" for it with model.dtype=bfloat16, the reference held in bf16 as on a
+    GPU); rank 0 writes every rank's resident high-water mark above its idle size and the
+    bytes of its shards to `out`."""
     import json
     import config
     import training
     rank, world, device, mesh = training.init_distributed()
-    cfg = config.ModelConfig(path=folder, gradient_checkpointing=False)
+    cfg = config.ModelConfig(path=folder, gradient_checkpointing=False,
+                             dtype="bfloat16" if way == "rank0-bf16" else "auto")
     model_lib._model_class("qwen2_vl")  # transformers' model code imported: the idle process is ready to load
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     idle = _status_kb("VmRSS")
-    if way == "rank0":
+    if way.startswith("rank0"):
         models = [training.load_policy(cfg, device, mesh, train=train)[0] for train in (True, False)]
     else:
         models = [load_every_rank(cfg, device, mesh, train) for train in (True, False)]
@@ -434,7 +438,7 @@ def bench_load(ranks=(1, 2, 4)):
         size = sum(p.numel() for p in hf.parameters()) * 4  # in float32
         del hf
         for n in ranks:
-            for way in ("every-rank", "rank0"):
+            for way in ("every-rank", "rank0") + (("rank0-bf16",) if n == max(ranks) else ()):
                 out = f"{folder}/peaks.json"
                 run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                       f"--nproc-per-node={n}", __file__, "--load-worker", folder, way, out],
@@ -446,7 +450,7 @@ def bench_load(ranks=(1, 2, 4)):
                 other = max(range(1, n), key=lambda r: peaks[r], default=None)
                 rows.append({"ranks": n, "way": way, "rank0": peaks[0], "rank0_shards": shards[0],
                              "others": peaks[other] if other else 0, "others_shards": shards[other] if other else 0,
-                             "total": sum(peaks), "fp32_model": size})
+                             "total": sum(peaks), "total_shards": sum(shards), "fp32_model": size})
     return rows
 
 
@@ -454,15 +458,20 @@ def print_load(rows):
     size = rows[0]["fp32_model"]
     print(f"\nStart-up host memory, CPU: policy + reference (float32) of a random Qwen2-VL of {size / 4e6:.0f}M "
           f"parameters ({size / 2**30:.2f} GiB in float32, stored in bf16); peak resident memory above the idle "
-          "process in GiB, x the float32 model, and of it the rank's own shards (in GPU memory on a GPU)")
-    print(f"{'ranks':>5} {'loading':>24} {'rank 0':>14} {'its shards':>14} {'other ranks (max)':>18} "
-          f"{'their shards':>14} {'node total':>14}")
-    names = {"every-rank": "every rank reads (old)", "rank0": "rank 0 reads (now)"}
+          "process in GiB and x the float32 model, in all and beyond the rank's own shards (which a GPU holds in "
+          "its own memory, not the host's)")
+    print(f"{'ranks':>5} {'loading':>24} {'rank 0':>13} {'beyond shards':>13} {'others (max)':>13} "
+          f"{'beyond shards':>13} {'node total':>13} {'beyond shards':>13}")
+    names = {"every-rank": "every rank reads (old)", "rank0": "rank 0 streams (now)",
+             "rank0-bf16": "now, reference in bf16"}
     for r in rows:
-        cells = [f"{r[k] / 2**30:5.2f} ({r[k] / size:4.2f}x)" if r[k] else "-"
-                 for k in ("rank0", "rank0_shards", "others", "others_shards", "total")]
-        print(f"{r['ranks']:>5} {names[r['way']]:>24} {cells[0]:>14} {cells[1]:>14} {cells[2]:>18} {cells[3]:>14} "
-              f"{cells[4]:>14}")
+        cells = []
+        for peak, shards in ((r["rank0"], r["rank0_shards"]), (r["others"], r["others_shards"]),
+                             (r["total"], r["total_shards"])):
+            cells += [f"{v / 2**30:4.2f} ({v / size:4.2f}x)" for v in (peak, peak - shards)]
+        if r["ranks"] == 1:
+            cells[2:4] = ["-", "-"]
+        print(f"{r['ranks']:>5} {names[r['way']]:>24} " + " ".join(f"{c:>13}" for c in cells))
 
 
 def bench_reference_dtype(hf, visual_tokens, completion):

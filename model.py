@@ -30,7 +30,9 @@ Beyond the paper (which says nothing about how rollouts are computed):
 """
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -176,10 +178,9 @@ def resolve_dtype(name, device):
     return dtypes[name]
 
 
-def load_model(path, cfg, device, *, train, dtype=None):
-    """Load the HF model at `path` (kind from its config.json); returns (model, kind).
-    train=False gives the frozen reference: eval mode, no gradients. dtype: a torch dtype, or "stored" for the
-    dtype the weights are stored in; by default model.dtype resolved for `device`."""
+def check_folder(path, cfg):
+    """The model kind of the Hugging Face folder at `path` (its config.json's model_type), after the checks that
+    turn a wrong path, an interrupted download or a missing package into one line naming what to do."""
     folder = Path(path)
     hint = (f"expected a Hugging Face folder of {' or '.join(CHECKPOINTS.values())} (config.json + weights), "
             f"or set model.build_tiny=qwen2_vl to build a tiny random model there")
@@ -196,10 +197,28 @@ def load_model(path, cfg, device, *, train, dtype=None):
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelError("model.attn_implementation=flash_attention_2 but flash-attn is not installed: "
                          "pip install flash-attn, or set model.attn_implementation=sdpa")
+    return kind
+
+
+def load_model(path, cfg, device, *, train, dtype=None):
+    """Load the HF model at `path` (kind from its config.json); returns (model, kind).
+    train=False gives the frozen reference: eval mode, no gradients. dtype: a torch dtype, or "stored" for the
+    dtype the weights are stored in; by default model.dtype resolved for `device`."""
+    kind = check_folder(path, cfg)
     dtype = "auto" if dtype == "stored" else dtype or resolve_dtype(cfg.dtype, device)  # HF's auto: as stored
     model = _model_class(kind).from_pretrained(path, dtype=dtype,
                                                attn_implementation=cfg.attn_implementation).to(device)
     return _set_mode(model, cfg, train), kind
+
+
+def read_config(path):
+    """(config, generation config) of the HF folder at `path`; the generation config is built from the config
+    where the folder has no generation_config.json, as from_pretrained does."""
+    from transformers import AutoConfig, GenerationConfig
+    config = AutoConfig.from_pretrained(path)
+    if (Path(path) / "generation_config.json").is_file():
+        return config, GenerationConfig.from_pretrained(path)
+    return config, GenerationConfig.from_model_config(config)
 
 
 def empty_model(config, cfg, dtype, *, train):
@@ -219,6 +238,106 @@ def _set_mode(model, cfg, train):
     else:
         model.eval().requires_grad_(False)
     return model
+
+
+# ----------------------------------------------------------------------------- weights, one tensor at a time
+
+# A .safetensors file: 8 bytes (little-endian u64) giving the header's length, the header (JSON: name ->
+# {"dtype", "shape", "data_offsets": [begin, end)} counted from the end of the header, and "__metadata__"),
+# then the tensors' bytes, little-endian.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+# Qwen's released checkpoints name the weights as transformers 4 laid the model out, and transformers 5 writes
+# those names back when it saves: visual.* and model.{embed_tokens,layers,norm}.*, where the model now has
+# model.visual.* and model.language_model.*. The same two renamings as transformers 5's own loading
+# (conversion_mapping.py, Qwen2VLForConditionalGeneration); names already in the new layout are kept.
+RENAMES = ((re.compile(r"^visual\."), "model.visual."),
+           (re.compile(r"^model\.(?!language_model\.|visual\.)"), "model.language_model."))
+
+
+@dataclass
+class StoredTensor:
+    file: str
+    dtype: torch.dtype
+    shape: tuple
+    begin: int            # byte offsets in the file
+    end: int
+
+
+def stored_weights(path):
+    """{name in the model: StoredTensor} for the safetensors weights of the folder at `path` (model.safetensors,
+    or the files model.safetensors.index.json lists), from the files' headers alone: nothing is read yet."""
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError, TypeError):
+            raise ModelError(f"{index} is not a safetensors index (a JSON object with a weight_map): "
+                             "download it again") from None
+    if not files:
+        raise ModelError(f"model folder {path} has no *.safetensors weights (only *.bin?): save it again with "
+                         "save_pretrained, which writes safetensors")
+    weights = {}
+    for name in files:
+        file = folder / name
+        if not file.is_file():
+            raise ModelError(f"{index} lists {name}, which is not in {path}: an interrupted download?")
+        weights.update(_safetensors_header(file))
+    return {_renamed(k): v for k, v in weights.items()}
+
+
+def _renamed(name):
+    for pattern, new in RENAMES:
+        name = pattern.sub(new, name)
+    return name
+
+
+def _safetensors_header(file):
+    size = file.stat().st_size
+    broken = f"{file} is not a complete safetensors file (an interrupted download?): download it again"
+    with open(file, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else size
+        if length > size - 8:
+            raise ModelError(broken)
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ModelError(broken) from None
+    start, tensors = 8 + length, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ModelError(f"{file}: {name} is stored as {info['dtype']}, which this loader does not read")
+        dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
+        begin, end = (start + o for o in info["data_offsets"])
+        if end > size or end - begin != math.prod(shape) * dtype.itemsize:
+            raise ModelError(broken)
+        tensors[name] = StoredTensor(str(file), dtype, shape, begin, end)
+    return tensors
+
+
+def read_weight(stored):
+    """One stored tensor, read from its file into memory of its own (no memory map held open)."""
+    out = torch.empty(stored.shape, dtype=stored.dtype)
+    if out.numel():
+        with open(stored.file, "rb") as f:
+            f.seek(stored.begin)
+            if f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != stored.end - stored.begin:
+                raise ModelError(f"{stored.file} ended early: download it again")
+    return out
+
+
+def init_buffers(hf_model):
+    """Compute the buffers no checkpoint holds (the rotary frequencies), which building on the meta device
+    skipped, with transformers' own rule for them (_init_weights)."""
+    for module in hf_model.modules():
+        if module._non_persistent_buffers_set and not any(True for _ in module.parameters(recurse=False)):
+            hf_model._init_weights(module)
 
 
 # ----------------------------------------------------------------------------- positions

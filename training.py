@@ -12,10 +12,11 @@ Choices beyond the paper (which does not describe its training code):
 - Plain `python grpo.py` (or sft.py) runs as an FSDP world of one, the same code path as torchrun.
 - The policy keeps fp32 master weights and computes in bf16 on GPU (FSDP2 mixed precision): at lr 1e-6 a bf16
   weight cannot hold the update. The frozen reference holds and computes in bf16 (precision()).
-- Only rank 0 reads the model folder: the other ranks build the model on the meta device and their shards are
-  filled from rank 0's weights, one tensor at a time, so a node holds one full copy of the weights at start-up
-  instead of one per rank (load_policy). `replicate` > 1 (HSDP) keeps one copy of the model per group of
-  world/replicate ranks (a node), so that the per-layer all-gathers stay inside the node.
+- Only rank 0 reads the model folder. Every rank builds the model on the meta device and shards it, and rank 0
+  streams the safetensors files into the shards one tensor at a time, so no rank ever holds a whole model at
+  start-up, only its shards and one tensor in flight (load_policy).
+- `replicate` > 1 (HSDP) keeps one copy of the model per group of world/replicate ranks (a node), so that the
+  per-layer all-gathers stay inside the node.
 - A checkpoint is a folder step-NNNNNN: the sharded model and optimizer (torch.distributed.checkpoint), one
   small file per rank (data position, RNG, schedule: tensors and plain values, read back with
   weights_only=True, so a checkpoint cannot run code) and meta.json. It is written as step-NNNNNN.tmp, every
@@ -49,9 +50,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+                                                     set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 import config as config_lib
 import data
@@ -284,33 +286,66 @@ def load_policy(model_cfg, device, mesh, *, train=True, offload=False):
     fp32 master weights computing in model.dtype; train=False: the frozen reference, held and computed in it
     (precision()). offload: the shards in CPU memory (GPU only).
 
-    Only rank 0 reads the model folder, in the dtype it is stored in (bf16 for Qwen's checkpoints); the other
-    ranks get its config and tokenizer by broadcast and build the model on the meta device. Every rank shards
-    its model, then rank 0's weights fill the shards one tensor at a time (set_model_state_dict's
-    broadcast_from_rank0, cast to the held dtype on arrival). A node so holds one full copy of the weights at
-    start-up, on rank 0, instead of one per rank, and the other nodes need no copy of the model folder."""
+    Every rank builds the model on the meta device and shards it; only rank 0 reads the model folder (config,
+    tokenizer, the safetensors headers), and the other ranks get what it read by broadcast, so other nodes
+    need no copy of the folder. Then fill_from_rank0 streams the weights into the shards one tensor at a time:
+    no rank ever holds a whole model, only its shards and one tensor in flight."""
     held, compute = precision(model_cfg.dtype, device.type, train)
-    source = {}
 
     def read():
-        source["hf"], kind = model_lib.load_model(model_cfg.path, model_cfg, "cpu", train=False, dtype="stored")
-        return model_lib.load_tokenizer(model_cfg.path), source["hf"].config, kind
-    tokenizer, hf_config, kind = on_rank0(read)
+        kind = model_lib.check_folder(model_cfg.path, model_cfg)
+        return (model_lib.load_tokenizer(model_cfg.path), *model_lib.read_config(model_cfg.path), kind,
+                model_lib.stored_weights(model_cfg.path))
+    tokenizer, hf_config, generation_config, kind, stored = on_rank0(read)
     hf = model_lib.empty_model(hf_config, model_cfg, held, train=train)
+    hf.generation_config = generation_config  # the source's, for the export
     policy = shard(model_lib.Policy(hf, freeze_vision=train and model_cfg.freeze_vision), mesh, device,
                    compute_dtype=compute, offload=offload)
-    weights, buffers = {}, None
-    if source:
-        weights = {f"hf.{k}": v for k, v in source["hf"].state_dict().items()}
-        # buffers outside the state dict (the rotary frequencies) are computed when a model is built, which
-        # the meta device skips
-        buffers = {k: v for k, v in source["hf"].named_buffers() if f"hf.{k}" not in weights}
-        hf.generation_config = source["hf"].generation_config  # the source's, for the export
-    set_model_state_dict(policy, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for name, value in broadcast(buffers).items():
-        module, _, leaf = name.rpartition(".")
-        hf.get_submodule(module).register_buffer(leaf, value.to(device), persistent=False)
+    model_lib.init_buffers(hf)
+    fill_from_rank0(policy, stored, device, model_cfg.path)
     return policy, tokenizer, kind
+
+
+def fill_from_rank0(policy, stored, device, path):
+    """Fill every parameter and persistent buffer of the sharded `policy` from the checkpoint `stored` describes
+    (model.stored_weights; the same on every rank), one tensor at a time: rank 0 reads it in the dtype it is
+    stored in (bf16 for Qwen's releases) and broadcasts it; each rank keeps its own shard of it, cast to the
+    dtype it is held in. A rank so holds, beyond its shards, one full tensor at most (the largest is the
+    embedding: 1.1 GB in bf16 for the 7B models). A checkpoint that lacks a tensor, or has it in another shape
+    (a config.json that does not match the weights), is refused on every rank before any is read."""
+    tensors = dict(policy.named_parameters())  # tied weights once (Qwen2-VL-2B ties lm_head to the embedding)
+    for prefix, module in policy.named_modules():
+        tensors.update((f"{prefix}.{name}", b) for name, b in module.named_buffers(recurse=False)
+                       if name not in module._non_persistent_buffers_set)
+    keys = {name: name.removeprefix("hf.") for name in tensors}
+    missing = [k for k in keys.values() if k not in stored]
+    wrong = [f"{k} {list(stored[k].shape)} where the model has {list(tensors[n].shape)}"
+             for n, k in keys.items() if k in stored and tuple(stored[k].shape) != tuple(tensors[n].shape)]
+    if missing or wrong:
+        what = f"lacks {len(missing)} tensors: {_first(missing, ', ')}" if missing else \
+            f"does not match its config.json: {_first(wrong, '; ')}"
+        raise model_lib.ModelError(f"the checkpoint in {path} {what}")
+    unused = sorted(set(stored) - {k.removeprefix("hf.") for k in policy.state_dict()})  # tied names are known
+    if unused:
+        print0(f"warning: {len(unused)} tensors in {path} have no place in the model and are ignored: "
+               f"{_first(unused, ', ')}")
+    rank = dist.get_rank()
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            entry = stored[keys[name]]
+            full = model_lib.read_weight(entry).to(device) if rank == 0 else \
+                torch.empty(entry.shape, dtype=entry.dtype, device=device)
+            dist.broadcast(full, src=0)
+            if isinstance(tensor, DTensor):
+                tensor.to_local().copy_(
+                    distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None).to_local())
+            else:
+                tensor.copy_(full)
+            del full
+
+
+def _first(items, sep, n=3):
+    return sep.join(items[:n]) + (f"{sep}..." if len(items) > n else "")
 
 
 @contextlib.contextmanager

@@ -4,9 +4,9 @@
         (in a folder where ./model is MODEL_DIR; rank 3 moves to ./blind, where it is not)
     torchrun ... tests/multinode_worker.py grpo [key=value ...]      # grpo.train with the recording reward
 
-`load`: load_policy (rank 0 reads, the others build on the meta device) against every rank reading the whole
-model as before, for the policy and the reference: every parameter and buffer equal, and so are the log-probs
-of a forward; rank 3 sees no model folder and still loads; check_shared names rank 3; and one GRPO update
+`load`: load_policy (every rank on the meta device, rank 0 streaming the weights) against every rank reading
+the whole model as before, for the policy and the reference: every parameter and buffer equal, and so are the
+log-probs of a forward; rank 3 sees no model folder and still loads; check_shared names rank 3; and one GRPO update
 over a 2x2 HSDP mesh gives the parameters a 1x4 FSDP mesh gives. Rank 0 writes what it found to OUT.json.
 
 `grpo`: grpo.train on demo.yaml with `recording_reward`, which appends each rank's videos of each step to

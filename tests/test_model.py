@@ -2,6 +2,8 @@
 and the chunked log-probs against a plain full log_softmax."""
 import json
 import os
+import shutil
+import struct
 
 import pytest
 import torch
@@ -143,6 +145,76 @@ def test_load_errors(tmp_path, tiny_model_dir):
         M.load_model(path, ModelConfig(attn_implementation="flash_attention_2"), "cpu", train=False)
     with pytest.raises(M.ModelError, match="unknown kind"):
         M.build_tiny(str(tmp_path / "x"), "llava")
+
+
+# ----------------------------------------------------------------------------- weights, one tensor at a time
+
+def write_safetensors(path, entries):
+    """A .safetensors file laid out by hand from the published format: u64 little-endian header length, JSON
+    header {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, (dtype, shape, raw) in entries.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def test_safetensors_read_from_the_published_layout(tmp_path):
+    write_safetensors(tmp_path / "model.safetensors", {
+        "visual.blocks.0.norm1.weight": ("BF16", [3], bytes.fromhex("803f00c0003f")),       # 1.0, -2.0, 0.5
+        "model.layers.0.mlp.up_proj.weight": ("F32", [2, 2], struct.pack("<4f", 1.5, -3.0, 0.25, 8.0)),
+        "model.embed_tokens.weight": ("I64", [2], struct.pack("<2q", -7, 2 ** 40)),
+        "lm_head.weight": ("BOOL", [2], b"\x01\x00"),
+        "model.language_model.norm.weight": ("F16", [0], b"")})
+    stored = M.stored_weights(str(tmp_path))
+    assert sorted(stored) == ["lm_head.weight", "model.language_model.embed_tokens.weight",
+                              "model.language_model.layers.0.mlp.up_proj.weight", "model.language_model.norm.weight",
+                              "model.visual.blocks.0.norm1.weight"]    # Qwen's released names, renamed as transformers 5 does
+    read = {k: M.read_weight(v) for k, v in stored.items()}
+    assert read["model.visual.blocks.0.norm1.weight"].dtype == torch.bfloat16
+    assert read["model.visual.blocks.0.norm1.weight"].tolist() == [1.0, -2.0, 0.5]
+    assert read["model.language_model.layers.0.mlp.up_proj.weight"].tolist() == [[1.5, -3.0], [0.25, 8.0]]
+    assert read["model.language_model.embed_tokens.weight"].tolist() == [-7, 2 ** 40]
+    assert read["lm_head.weight"].tolist() == [True, False]
+    assert read["model.language_model.norm.weight"].shape == (0,)
+
+
+def test_safetensors_read_what_the_safetensors_package_writes(tmp_path):
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(5, 7, generator=g).bfloat16(), "b": torch.randn(3, generator=g),
+               "c": torch.randint(-9, 9, (2, 3, 4), generator=g), "d": torch.randn(4, 4, generator=g).half()}
+    save_file(tensors, tmp_path / "model.safetensors")
+    stored = M.stored_weights(str(tmp_path))
+    assert stored.keys() == tensors.keys()
+    for k, v in tensors.items():
+        got = M.read_weight(stored[k])
+        assert got.dtype == v.dtype and torch.equal(got, v), k
+
+
+def test_safetensors_errors_name_the_file(tmp_path, tiny_model_dir):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir("qwen2_vl"), folder)
+    whole = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(whole[:-100])                     # an interrupted download
+    with pytest.raises(M.ModelError, match=r"model.safetensors is not a complete safetensors file"):
+        M.stored_weights(str(folder))
+    (folder / "model.safetensors").write_bytes(whole[:5])
+    with pytest.raises(M.ModelError, match="not a complete safetensors file"):
+        M.stored_weights(str(folder))
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001.safetensors"}}))
+    with pytest.raises(M.ModelError, match="lists model-00001.safetensors, which is not in"):
+        M.stored_weights(str(folder))
+    (folder / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(M.ModelError, match="index.json is not a safetensors index"):
+        M.stored_weights(str(folder))
+    (folder / "model.safetensors.index.json").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(M.ModelError, match=r"no \*.safetensors weights \(only \*.bin\?\)"):
+        M.stored_weights(str(folder))
 
 
 # ----------------------------------------------------------------------------- group rollout

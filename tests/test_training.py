@@ -133,7 +133,8 @@ def test_the_export_carries_the_source_folders_other_files(tiny_model_dir, tmp_p
     extra = {"preprocessor_config.json": '{"image_processor_type": "Qwen2VLImageProcessor"}',
              "video_preprocessor_config.json": '{"video_processor_type": "Qwen2VLVideoProcessor"}',
              "chat_template.json": json.dumps({"chat_template": template}), "README.md": "# a model card",
-             "pytorch_model.bin": "old weights", "model.safetensors.index.json": "{}"}
+             "pytorch_model.bin": "old weights",
+             "model.safetensors.index.json": json.dumps({"weight_map": {"lm_head.weight": "model.safetensors"}})}
     for name, text in extra.items():
         (source / name).write_text(text)
     policy, tokenizer, optimizer, _ = tiny_policy(str(source), world_of_one)
@@ -204,6 +205,61 @@ def test_dtypes_follow_the_device_that_computes(tiny_model_dir, world_of_one):
     assert {p.dtype for p in ref.parameters()} == {bf16} and ref._get_fsdp_state()._mp_policy.param_dtype is None
     for model_ in (policy, ref):
         assert torch.isfinite(multinode_worker.forward_logp(model_, tokenizer, kind, cfg)).all()
+
+
+def tied_and_split(src, folder, kind):
+    """The tiny model of `src` with its lm_head tied to the embedding (stored once, as in Qwen2-VL-2B), saved
+    in 100 KB files with an index (as the 7B releases are split), with the tokenizer of `src`."""
+    hf, _ = model.load_model(src, config.ModelConfig(), "cpu", train=False)
+    hf.config.tie_word_embeddings = True
+    torch.manual_seed(1)
+    tied = model._model_class(kind)(hf.config)
+    tied.save_pretrained(folder, max_shard_size="100KB")
+    for name in os.listdir(src):
+        if not name.endswith(".safetensors") and not (folder / name).exists():
+            shutil.copy(os.path.join(src, name), folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind", model.KINDS)
+def test_load_policy_streams_the_weights_as_from_pretrained_reads_them(kind, tiny_model_dir, tmp_path, world_of_one):
+    """load_policy (every rank on the meta device, rank 0 streaming the safetensors files tensor by tensor) gives
+    the parameters and buffers transformers' from_pretrained gives, for the tiny model as saved (one file, the
+    released layout's names) and for a tied, split one (an index over several files, lm_head stored once)."""
+    for folder in (tiny_model_dir(kind), tied_and_split(tiny_model_dir(kind), tmp_path / "tied", kind)):
+        want, _ = model.load_model(folder, config.ModelConfig(), "cpu", train=False, dtype=torch.float32)
+        policy, tokenizer, got_kind = training.load_policy(config.ModelConfig(path=folder, gradient_checkpointing=False),
+                                                           torch.device("cpu"), world_of_one)
+        got = {k.removeprefix("hf."): v.full_tensor() for k, v in policy.state_dict().items()}
+        assert got_kind == kind and got.keys() == want.state_dict().keys()
+        assert all(torch.equal(got[k], v) for k, v in want.state_dict().items())
+        buffers = dict(want.named_buffers())
+        assert len(buffers) == 4 and all(torch.equal(v, buffers[k.removeprefix("hf.")])
+                                         for k, v in policy.named_buffers())
+        assert (policy.hf.lm_head.weight is policy.hf.model.language_model.embed_tokens.weight) == \
+            want.config.tie_word_embeddings
+        assert policy.hf.generation_config.eos_token_id == want.generation_config.eos_token_id
+
+
+def test_load_policy_refuses_weights_that_do_not_fit_the_config(tiny_model_dir, tmp_path, world_of_one):
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir("qwen2_vl"), folder)
+    cfg = config.ModelConfig(path=str(folder), gradient_checkpointing=False)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "model.norm.weight"}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(model.ModelError, match=r"the checkpoint in .*/m lacks 1 tensors: "
+                                               r"model.language_model.norm.weight$"):
+        training.load_policy(cfg, torch.device("cpu"), world_of_one)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    settings = json.loads((folder / "config.json").read_text())
+    vocab = settings["text_config"]["vocab_size"]
+    settings["text_config"]["vocab_size"] = vocab + 8
+    (folder / "config.json").write_text(json.dumps(settings))
+    with pytest.raises(model.ModelError, match=r"does not match its config.json: model.language_model."
+                                               rf"embed_tokens.weight \[{vocab}, 64\] where the model has \[{vocab + 8}, 64\]"):
+        training.load_policy(cfg, torch.device("cpu"), world_of_one)
 
 
 def test_ranks_are_named_in_spans():
