@@ -20,7 +20,8 @@ and which is not installable on every machine:
 - frames sampled evenly at `data.fps`, their count clamped and floored to a multiple of 2 (`frame_count`;
   qwen-vl-utils 0.0.8 rounded instead); sizes multiples of 28 in [min_pixels, max_pixels], max_pixels
   lowered to the per-frame cap `data.video_max_pixels` and to an even share of the clip's budget
-  `data.total_pixels` (`frame_size`, `smart_resize`);
+  `data.total_pixels` (`frame_size`, `smart_resize`). min_pixels defaults to the checkpoints' 4*28*28 (the HF
+  processor's and vLLM's), not qwen-vl-utils' video default of 128*28*28, which raises small frames;
 - resize as qwen-vl-utils does through torchvision: bicubic with antialias on float32, clamped to 0..255
   and rounded (`resize_frames`). Torch's uint8 kernel, which the HF processor applies to raw frames,
   rounds and clamps between its two passes and lands up to 12 grey levels away on the shipped clips.
@@ -568,7 +569,7 @@ def _extract(judge, caption, malformed_retries):
         return result, None
     if len(malformed) > malformed_retries:  # the HTTP judge asked 1 + malformed_retries times
         return None, f"{len(malformed)} malformed replies, the last: {malformed[-1]}"
-    raise rewards.JudgeError(f"the judge failed ({judge.last_error}); what is written is kept: rerun the same "
+    raise rewards.JudgeError(f"the judge failed ({judge.error_here}); what is written is kept: rerun the same "
                              "command to continue")
 
 

@@ -775,6 +775,12 @@ class HTTPJudge(_Judge):
     def describe(self):
         return f"{self.cfg.model} @ {self.url}"
 
+    @property
+    def error_here(self):
+        """Why this thread's latest ask() failed ("" if it did not). last_error is the latest of any thread's,
+        which is another thread's when several ask at once (data.py prepare)."""
+        return getattr(self._local, "error", "")
+
     def close(self):
         self._pool.shutdown()
 
@@ -890,7 +896,9 @@ class HTTPJudge(_Judge):
             jobs.setdefault(key, (t, messages, path))
         self._count("tasks", len(tasks))
         answers = list(self._pool.map(lambda job: self._ask_one(*job), jobs.values()))
-        if failed := [self._redact(why) for _, why in answers if why]:
+        failed = [self._redact(why) for _, why in answers if why]
+        self._local.error = failed[-1] if failed else ""
+        if failed:
             with self._lock:
                 self.stats["failures"] += len(failed)
                 self.last_error = failed[-1]  # why the latest failed task failed

@@ -79,6 +79,25 @@ def test_400_is_not_retried_and_says_why(judge, judge_server, capsys):
     assert "1 of 1 requests failed" in capsys.readouterr().err
 
 
+def test_each_thread_sees_why_its_own_request_failed(judge, judge_server):
+    """data.py prepare asks from several threads: the error it quotes must be its own thread's, not the
+    latest of any thread's (last_error)."""
+    judge_server.fail("400")
+    seen = {}
+
+    def first():
+        assert judge.extract_events([CAPTION]) == [None]
+        seen["first"] = judge.error_here
+    thread = threading.Thread(target=first)
+    thread.start()
+    thread.join()
+    judge_server.fail("badbody", "badbody", "badbody", "badbody")
+    assert judge.extract_events([CAPTION + " again"]) == [None]
+    assert "HTTP 400" in seen["first"] and "HTTP 400" not in judge.error_here
+    assert judge.last_error == judge.error_here != seen["first"]
+    assert judge.extract_events([CAPTION]) != [None] and judge.error_here == ""
+
+
 def test_exhausted_retries_give_nan_and_are_counted(judge_cfg, judge_server):
     judge = with_cfg(judge_cfg, concurrency=1)  # one at a time: the first request gets all failures
     judge_server.fail(*["500"] * 4)  # 1 + retries (3) attempts, all failing
