@@ -275,6 +275,10 @@ def shard(policy, mesh, device, *, compute_dtype, offload=False):
         policy.to_empty(device=home)
     else:
         policy.to(home)
+    if offload:  # FSDP brings the offloaded shards to the GPU for each forward, but not the buffers
+        for module in policy.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(device)
     # FSDP2 picks its root at the first forward; generation calls the layers directly,
     # so make the Policy the root before anything runs.
     policy._get_fsdp_state()._lazy_init()
