@@ -31,8 +31,9 @@ process.
    rank building on the meta device and rank 0 streaming the safetensors files into the shards one tensor at
    a time (at 4 ranks also with model.dtype=bfloat16: the reference held in bf16, as on a GPU): each rank's
    resident high-water mark above the idle process (after imports and joining the group), in all and beyond
-   the rank's own shards (on a GPU they are in GPU memory, not the host's), and the node's total. On a GPU (without --load): the reference's
-   log-prob pass held in bf16 against float32, as it ran before training.precision.
+   the rank's own shards (on a GPU they are in GPU memory, not the host's), and the node's total. On a GPU
+   (without --load): the reference's log-prob pass held in bf16 against float32, as it ran before
+   training.precision.
 6. The demo (--demo): `python grpo.py demo.yaml seed=S` from nothing (tiny model built, warm start, GRPO) for
    S = 0, 1, 2, each in its own folder: wall time, the mean total reward (0..3) and format score over the
    first and last quarter of the GRPO steps (from metrics.jsonl, demo_learning), against the demo's targets:

@@ -6,8 +6,8 @@
 
 `load`: load_policy (every rank on the meta device, rank 0 streaming the weights) against every rank reading
 the whole model as before, for the policy and the reference: every parameter and buffer equal, and so are the
-log-probs of a forward; rank 3 sees no model folder and still loads; check_shared names rank 3; and one GRPO update
-over a 2x2 HSDP mesh gives the parameters a 1x4 FSDP mesh gives. Rank 0 writes what it found to OUT.json.
+log-probs of a forward; rank 3 sees no model folder and still loads; check_shared names rank 3; and one GRPO
+update over a 2x2 HSDP mesh gives the parameters a 1x4 FSDP mesh gives. Rank 0 writes what it found to OUT.json.
 
 `grpo`: grpo.train on demo.yaml with `recording_reward`, which appends each rank's videos of each step to
 train.out_dir/videos-world<W>-rank<R>.jsonl, so that a test can tell which videos were consumed.

@@ -169,9 +169,10 @@ def test_safetensors_read_from_the_published_layout(tmp_path):
         "lm_head.weight": ("BOOL", [2], b"\x01\x00"),
         "model.language_model.norm.weight": ("F16", [0], b"")})
     stored = M.stored_weights(str(tmp_path))
+    # Qwen's released names, renamed as transformers 5 renames them; the new layout's kept
     assert sorted(stored) == ["lm_head.weight", "model.language_model.embed_tokens.weight",
                               "model.language_model.layers.0.mlp.up_proj.weight", "model.language_model.norm.weight",
-                              "model.visual.blocks.0.norm1.weight"]    # Qwen's released names, renamed as transformers 5 does
+                              "model.visual.blocks.0.norm1.weight"]
     read = {k: M.read_weight(v) for k, v in stored.items()}
     assert read["model.visual.blocks.0.norm1.weight"].dtype == torch.bfloat16
     assert read["model.visual.blocks.0.norm1.weight"].tolist() == [1.0, -2.0, 0.5]
