@@ -7,6 +7,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -239,6 +240,23 @@ def test_load_policy_streams_the_weights_as_from_pretrained_reads_them(kind, tin
         assert (policy.hf.lm_head.weight is policy.hf.model.language_model.embed_tokens.weight) == \
             want.config.tie_word_embeddings
         assert policy.hf.generation_config.eos_token_id == want.generation_config.eos_token_id
+
+
+def test_load_policy_holds_one_stored_tensor_at_a_time(tiny_model_dir, world_of_one, monkeypatch):
+    """Each tensor read from the files is gone before the next is read: the loading never gathers a whole
+    model (bench.py --load measures the memory)."""
+    real, alive, reads = model.read_weight, [], []
+
+    def read_weight(stored):
+        reads.append(sum(ref() is not None for ref in alive))  # earlier reads still held
+        out = real(stored)
+        alive.append(weakref.ref(out))
+        return out
+    monkeypatch.setattr(model, "read_weight", read_weight)
+    path = tiny_model_dir("qwen2_vl")
+    training.load_policy(config.ModelConfig(path=path, gradient_checkpointing=False), torch.device("cpu"),
+                         world_of_one)
+    assert len(reads) == len(model.stored_weights(path)) and set(reads) == {0}
 
 
 def test_load_policy_refuses_weights_that_do_not_fit_the_config(tiny_model_dir, tmp_path, world_of_one):
