@@ -463,7 +463,7 @@ class Task:
     """One question for the judge. `name` selects the prompt: judge.prompts[name] (a file)
     when set, else `text`; `fields` fill its {fields}; `parse` maps the reply text to the
     result or raises ValueError (then it is re-asked); `lexical` is the lexical judge's
-    reply text for these fields. evaluate.py builds its own Tasks the same way."""
+    reply text for these fields. scoring.py builds its own Tasks the same way."""
     name: str
     text: str
     fields: dict[str, str]
@@ -763,7 +763,7 @@ class HTTPJudge(_Judge):
         super().__init__()
         self.cfg, self.url, self.feedback = cfg, cfg.url.rstrip("/"), feedback
         self._key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
-        # the files replacing evaluate.py's and data.py's templates are checked there, before any work
+        # the files replacing scoring.py's and data.py's templates are checked there, before any work
         self.prompts = {name: read_prompt(f"judge.prompts.{name}", path, TEMPLATES.get(name))
                         for name, path in cfg.prompts.items()}
         if cfg.cache_dir:

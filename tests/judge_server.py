@@ -1,5 +1,5 @@
 """A small OpenAI-compatible judge server that answers the built-in prompts of rewards.py
-(and of evaluate.py and data.py) with the lexical judge, and can be told to fail. For the
+(and of scoring.py and data.py) with the lexical judge, and can be told to fail. For the
 judge tests and for benchmarks:
 
     python tests/judge_server.py --port 8123 --latency 0.05 --model judge-test
@@ -58,15 +58,15 @@ def unrender(template, text):
     return fields
 
 
-# ---- evaluate.py's own judge steps (extract_objects, entail with a JSON list, vdc_answer, vdc_grade):
-# answered the same way, from evaluate.TEMPLATES and evaluate.LEXICAL
+# ---- the evaluation's own judge steps (extract_objects, entail with a JSON list, vdc_answer, vdc_grade):
+# answered the same way, from scoring.TEMPLATES and scoring.LEXICAL
 def answer_eval_prompt(prompt):
     if not prompt.startswith("[VideoCap-R1 eval task: "):
         return "OK"  # anything else, e.g. a health-check "Reply with OK."
-    import evaluate  # only here: the rewards tests never need evaluate.py
-    for name, template in evaluate.TEMPLATES.items():
+    import scoring  # only here: the rewards tests never need scoring.py
+    for name, template in scoring.TEMPLATES.items():
         if prompt.startswith(template.split("\n", 1)[0]):
-            return evaluate.LEXICAL[name](unrender(template, prompt))
+            return scoring.LEXICAL[name](unrender(template, prompt))
     return "OK"
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import benchmarks
 import config
 import evaluate
 import rewards
@@ -16,7 +17,7 @@ HELD_OUT = os.path.join(ROOT, "tests", "data", "heldout")
 
 def test_the_held_out_clips_load_as_dream1k_with_subjects():
     cfg = config.load_config(os.path.join(ROOT, "demo.yaml"))
-    items = evaluate.load_items(cfg)
+    items = benchmarks.load_items(cfg)
     val = [json.loads(line) for line in open(os.path.join(HELD_OUT, "val.jsonl"))]
     assert [it.id for it in items] == ["1", "2", "3", "4"]  # integer vids in the file, as the official one
     assert all(os.path.isfile(it.video) for it in items)
@@ -28,10 +29,10 @@ def test_the_held_out_clips_load_as_dream1k_with_subjects():
 
 def test_structure_scores_worked_example():
     """format and Tscore of raw outputs: one perfect, one without tags, one failed caption."""
-    items = [evaluate.Item("1", "1.mp4", "g", "p", subjects=[{"name": "square", "attributes": ["red"],
+    items = [benchmarks.Item("1", "1.mp4", "g", "p", subjects=[{"name": "square", "attributes": ["red"],
                                                              "actions": ["moves right"]}]),
-             evaluate.Item("2", "2.mp4", "g", "p", subjects=[{"name": "ball", "attributes": [], "actions": []}]),
-             evaluate.Item("3", "3.mp4", "g", "p")]
+             benchmarks.Item("2", "2.mp4", "g", "p", subjects=[{"name": "ball", "attributes": [], "actions": []}]),
+             benchmarks.Item("3", "3.mp4", "g", "p")]
     perfect = ('<think>{"subjects": [{"name": "square", "attributes": ["red"], "actions": ["moves right"]}]}'
                "</think><answer>A red square moves right.</answer>")
     s = evaluate.score_structure(items, [perfect, "A ball.", None], config.ThinkConfig())
