@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -785,7 +786,11 @@ class HTTPJudge(_Judge):
         self._pool.shutdown()
 
     def _redact(self, text):
-        return text.replace(self._key, "***") if self._key else text
+        """text without the API key, as written or URL-encoded (a server or proxy quoting a URL)."""
+        if self._key:
+            for form in {self._key, urllib.parse.quote(self._key, safe=""), urllib.parse.quote_plus(self._key)}:
+                text = text.replace(form, "***")
+        return text
 
     def _count(self, key, n=1):
         with self._lock:

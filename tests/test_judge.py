@@ -301,6 +301,14 @@ def test_a_timeout_names_the_setting(judge_cfg, judge_server):
     assert "ReadTimeout after judge.timeout=0.3 s" in judge.last_error
 
 
+def test_the_key_is_redacted_also_url_encoded(judge_cfg, monkeypatch):
+    key = "sk-a/b+c=d e"
+    monkeypatch.setenv("JUDGE_API_KEY", key)
+    judge = make_judge(judge_cfg)
+    text = "Bearer sk-a/b+c=d e; GET /v1?key=sk-a%2Fb%2Bc%3Dd%20e; form key=sk-a%2Fb%2Bc%3Dd+e"
+    assert judge._redact(text) == "Bearer ***; GET /v1?key=***; form key=***"
+
+
 def test_the_key_is_redacted_from_what_an_echoing_proxy_sends(judge_cfg, judge_server, tmp_path, monkeypatch,
                                                                capsys):
     key = "sk-test-0123456789-secret"
