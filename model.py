@@ -283,7 +283,7 @@ def stored_weights(path):
     weights = {}
     for name in files:
         file = folder / name
-        if not file.is_file():
+        if index.is_file() and not file.exists():
             raise ModelError(f"{index} lists {name}, which is not in {path}: an interrupted download?")
         weights.update(_safetensors_header(file))
     return {_renamed(k): v for k, v in weights.items()}
@@ -296,28 +296,33 @@ def _renamed(name):
 
 
 def _safetensors_header(file):
-    size = file.stat().st_size
     broken = f"{file} is not a complete safetensors file (an interrupted download?): download it again"
-    with open(file, "rb") as f:
-        head = f.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else size
-        if length > size - 8:
-            raise ModelError(broken)
-        try:
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else size
+            if length > size - 8:
+                raise ModelError(broken)
             header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ModelError(broken) from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelError(broken) from None
+    except OSError as e:
+        raise ModelError(f"cannot read {file}: {e.strerror}") from None
     start, tensors = 8 + length, {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ModelError(f"{file}: {name} is stored as {info['dtype']}, which this loader does not read")
-        dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
-        begin, end = (start + o for o in info["data_offsets"])
-        if end > size or end - begin != math.prod(shape) * dtype.itemsize:
-            raise ModelError(broken)
-        tensors[name] = StoredTensor(str(file), dtype, shape, begin, end)
+    try:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ModelError(f"{file}: {name} is stored as {info['dtype']}, which this loader does not read")
+            dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
+            begin, end = (start + o for o in info["data_offsets"])
+            if end > size or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ModelError(broken)
+            tensors[name] = StoredTensor(str(file), dtype, shape, begin, end)
+    except (AttributeError, KeyError, TypeError, ValueError):  # a header of another shape
+        raise ModelError(broken) from None
     return tensors
 
 

@@ -205,6 +205,12 @@ def test_safetensors_errors_name_the_file(tmp_path, tiny_model_dir):
     (folder / "model.safetensors").write_bytes(whole[:5])
     with pytest.raises(M.ModelError, match="not a complete safetensors file"):
         M.stored_weights(str(folder))
+    write_safetensors(folder / "model.safetensors", {"x": ("F32", [1], b"\0\0\0\0")})
+    odd = (folder / "model.safetensors").read_bytes().replace(b'"shape"', b'"shope"')   # a header of another shape
+    (folder / "model.safetensors").write_bytes(odd)
+    with pytest.raises(M.ModelError, match="not a complete safetensors file"):
+        M.stored_weights(str(folder))
+
     (folder / "model.safetensors").unlink()
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001.safetensors"}}))
     with pytest.raises(M.ModelError, match="lists model-00001.safetensors, which is not in"):
@@ -215,6 +221,9 @@ def test_safetensors_errors_name_the_file(tmp_path, tiny_model_dir):
     (folder / "model.safetensors.index.json").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(M.ModelError, match=r"no \*.safetensors weights \(only \*.bin\?\)"):
+        M.stored_weights(str(folder))
+    (folder / "model.safetensors").mkdir()                                          # unreadable as a file
+    with pytest.raises(M.ModelError, match=r"cannot read .*model.safetensors: Is a directory"):
         M.stored_weights(str(folder))
 
 
