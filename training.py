@@ -319,7 +319,7 @@ def fill_from_rank0(policy, stored, device, path):
     (a config.json that does not match the weights), is refused on every rank before any is read."""
     tensors = dict(policy.named_parameters())  # tied weights once (Qwen2-VL-2B ties lm_head to the embedding)
     for prefix, module in policy.named_modules():
-        tensors.update((f"{prefix}.{name}", b) for name, b in module.named_buffers(recurse=False)
+        tensors.update((f"{prefix}.{name}".lstrip("."), b) for name, b in module.named_buffers(recurse=False)
                        if name not in module._non_persistent_buffers_set)
     keys = {name: name.removeprefix("hf.") for name in tensors}
     missing = [k for k in keys.values() if k not in stored]
