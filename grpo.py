@@ -474,11 +474,7 @@ def run(cfg, reward_fn, rank, world, device, mesh):
             training.append_jsonl(os.path.join(t.out_dir, "samples.jsonl"), {"step": step + 1, **sample})
             if t.sample_every and (step + 1) % t.sample_every == 0:
                 tqdm.write(f"[step {step + 1}] reward {sample['reward']:.3f}: {sample['text'][:300]!r}")
-        stopping = stop()  # a SIGTERM on any rank
-        if training.checkpoint_due(step + 1, t, stopping):
-            checkpoint(step + 1)
-        if stopping:
-            print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with resume=auto to continue")
+        if training.end_of_step(step + 1, t, stop, checkpoint):
             return metrics
     bar.close()
     training.finish(policy, tokenizer, t, cfg.model, device, rank, summary)

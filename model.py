@@ -202,10 +202,10 @@ def check_folder(path, cfg):
 
 def load_model(path, cfg, device, *, train, dtype=None):
     """Load the HF model at `path` (kind from its config.json); returns (model, kind).
-    train=False gives the frozen reference: eval mode, no gradients. dtype: a torch dtype, or "stored" for the
-    dtype the weights are stored in; by default model.dtype resolved for `device`."""
+    train=False gives the frozen reference: eval mode, no gradients. dtype: a torch dtype; by default
+    model.dtype resolved for `device`."""
     kind = check_folder(path, cfg)
-    dtype = "auto" if dtype == "stored" else dtype or resolve_dtype(cfg.dtype, device)  # HF's auto: as stored
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
     model = _model_class(kind).from_pretrained(path, dtype=dtype,
                                                attn_implementation=cfg.attn_implementation).to(device)
     return _set_mode(model, cfg, train), kind

@@ -764,6 +764,9 @@ class HTTPJudge(_Judge):
         super().__init__()
         self.cfg, self.url, self.feedback = cfg, cfg.url.rstrip("/"), feedback
         self._key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        # the key as written and URL-encoded (a server or proxy quoting a URL): what _redact removes
+        self._key_forms = {self._key, urllib.parse.quote(self._key, safe=""),
+                           urllib.parse.quote_plus(self._key)} if self._key else set()
         # the files replacing scoring.py's and data.py's templates are checked there, before any work
         self.prompts = {name: read_prompt(f"judge.prompts.{name}", path, TEMPLATES.get(name))
                         for name, path in cfg.prompts.items()}
@@ -786,10 +789,9 @@ class HTTPJudge(_Judge):
         self._pool.shutdown()
 
     def _redact(self, text):
-        """text without the API key, as written or URL-encoded (a server or proxy quoting a URL)."""
-        if self._key:
-            for form in {self._key, urllib.parse.quote(self._key, safe=""), urllib.parse.quote_plus(self._key)}:
-                text = text.replace(form, "***")
+        """text without the API key, as written or URL-encoded."""
+        for form in self._key_forms:
+            text = text.replace(form, "***")
         return text
 
     def _count(self, key, n=1):

@@ -189,11 +189,7 @@ def run(cfg, rank, world, device, mesh):
         if (step + 1) % s.log_every == 0:
             log(metrics, step + 1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        stopping = stop()  # a SIGTERM on any rank
-        if training.checkpoint_due(step + 1, s, stopping):
-            checkpoint(step + 1)
-        if stopping:
-            print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with resume=auto to continue")
+        if training.end_of_step(step + 1, s, stop, checkpoint):
             return metrics
     bar.close()
     training.finish(policy, tokenizer, s, cfg.model, device, rank, summary)

@@ -817,10 +817,15 @@ def curves(lines, keys):
     return rows
 
 
-def checkpoint_due(step, run, stopping):
-    """Whether to checkpoint after `step` (1-based): every run.checkpoint_every steps, after the last, and
-    when a SIGTERM asks the run to stop."""
-    return stopping or step == run.steps or bool(run.checkpoint_every and step % run.checkpoint_every == 0)
+def end_of_step(step, run, stop, checkpoint):
+    """After `step` (1-based): checkpoint(step) every run.checkpoint_every steps, after the last, and when a
+    SIGTERM reached any rank (stop(), sigterm_watch); returns whether the run stops here for that SIGTERM."""
+    stopping = stop()
+    if stopping or step == run.steps or (run.checkpoint_every and step % run.checkpoint_every == 0):
+        checkpoint(step)
+    if stopping:
+        print0(f"SIGTERM: checkpoint written at step {step}; rerun with resume=auto to continue")
+    return stopping
 
 
 def finish(policy, tokenizer, run, model_cfg, device, rank, summary):
