@@ -174,6 +174,13 @@ def load_records(path, require=None) -> list[Record]:
     return records
 
 
+def load_heldout(path, require, world) -> list[Record]:
+    """The held-out records of data.val (load_records' checks), at least one per rank."""
+    val = load_records(path, require)
+    if len(val) < world:
+        raise DataError(f"{path}: {len(val)} held-out records for {world} ranks; every rank needs one")
+    return val
+
 # ----------------------------------------------------------------------------- sampling and size rules
 
 def smart_resize(height, width, factor=28, min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28):

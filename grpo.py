@@ -21,20 +21,20 @@ Where this goes beyond or deviates from the paper (arXiv 2506.01725), all in con
   ranks; groups dropped for a failed judge call left out), as verl and TRL scale it.
 - `train.warm_start` runs sft.py's supervised stage first and starts GRPO from its export
   (the demo's way of teaching a random model the output format; a cold start for real runs).
-- The training machinery (FSDP2, fp32 master weights with bf16 compute, checkpoints, export)
-  is training.py's, shared with sft.py.
+- The training machinery (FSDP2, fp32 master weights with bf16 compute, the learning rate as a
+  function of the step) is training.py's, the checkpoints and the export checkpoint.py's, shared with sft.py.
 """
 import dataclasses
 import math
 import os
 import sys
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 import config as config_lib
 import data
 import model as model_lib
@@ -134,15 +134,15 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, eps_low, eps_high, beta, ag
 # ----------------------------------------------------------------------------- one step
 
 
-def rollout(policy, batch, cfg, special, generator):
+def rollout(policy, batch, cfg, tokens, generator):
     """G completions per video from the current policy; ranks stop decoding together."""
     def all_done(local_done):
         return reduce([float(local_done)], dist.ReduceOp.MIN)[0] > 0
     policy.eval()  # HF switches the KV cache off under gradient checkpointing in train mode
     with training.gathered(policy), torch.no_grad():
         roll = model_lib.generate(policy.hf, batch, cfg.sampling.group_size, cfg.sampling.max_new_tokens,
-                                  cfg.sampling.temperature, cfg.sampling.top_p, special["eos_ids"],
-                                  special["pad_id"], generator=generator, sync=all_done)
+                                  cfg.sampling.temperature, cfg.sampling.top_p, tokens.eos_ids, tokens.pad_id,
+                                  generator=generator, sync=all_done)
     policy.train()
     return roll
 
@@ -216,17 +216,17 @@ def update(policy, optimizer, chunks, batch, roll, adv, ref_logps, old_logps, de
     return acc
 
 
-def train_step(policy, ref, optimizer, items, reward_fn, cfg, special, generator, device, world):
-    """Rollout, reward, advantage, log-probs, loss and step for this rank's videos."""
+def train_step(policy, ref, optimizer, items, reward_fn, cfg, tokens, generator, device, world):
+    """Rollout, reward, advantage, log-probs, loss and step for this rank's videos -> (metrics, sample)."""
     G = cfg.sampling.group_size
     times = {}
     t0 = time.perf_counter()
-    batch = {k: v.to(device) for k, v in data.collate([p for _, p in items], special["pad_id"]).items()}
-    roll = rollout(policy, batch, cfg, special, generator)  # ids (N, T), lengths (N,), ended (N,)
+    batch = {k: v.to(device) for k, v in data.collate([p for _, p in items], tokens.pad_id).items()}
+    roll = rollout(policy, batch, cfg, tokens, generator)  # ids (N, T), lengths (N,), ended (N,)
     times["rollout"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    texts = special["decode"](roll)
+    texts = tokens.decode(roll)
     records = [rec for rec, _ in items for _ in range(G)]  # row b*G+g is video b
     reward, parts, reward_stats = reward_fn(texts, records, roll)  # (N,), name -> (N,)
     r = reward.to(device).view(-1, G)  # (B, G)
@@ -256,39 +256,55 @@ def train_step(policy, ref, optimizer, items, reward_fn, cfg, special, generator
                  max(denom, 1.0), cfg, world) if n_seq > 0 else None
     times["update"] = time.perf_counter() - t0
 
-    # every figure below is over all ranks: local sums, one all-reduce, then the ratios
-    local = {"samples": len(texts), "reward": reward.nan_to_num().sum().item(),
-             "reward_n": torch.isfinite(reward).sum().item(), "groups": len(valid),
-             "dropped": (~valid).sum().item(), "judge_failed": (~judged).sum().item(),
-             "gen_tokens": roll.lengths.sum().item(),
-             "truncated": (~roll.ended).sum().item(), "judge_failures": reward_stats.get("judge_failed", 0)}
-    for k, v in parts.items():
-        local[f"reward_{k}"], local[f"reward_{k}_n"] = v.nan_to_num().sum().item(), torch.isfinite(v).sum().item()
-    g = dict(zip(local, reduce([float(x) for x in local.values()])))
-    rollout_time = reduce([times["rollout"]], dist.ReduceOp.MAX)[0]  # the slowest rank sets the pace
-    metrics = {k: g[k] / max(g[f"{k}_n"], 1) for k in local if k.startswith("reward") and not k.endswith("_n")}
-    metrics.update({"groups": g["groups"], "dropped_groups": g["dropped"] / g["groups"],
-                    "judge_failed_groups": g["judge_failed"] / g["groups"], "judge_failures": g["judge_failures"],
-                    "completion_len": g["gen_tokens"] / g["samples"], "truncated": g["truncated"] / g["samples"],
-                    "rollout_tok_s": g["gen_tokens"] / max(rollout_time, 1e-9)})
+    metrics = step_metrics(reward, parts, valid, judged, roll, reward_stats.get("judge_failed", 0), times)
     if acc is not None:
-        tok, kl, clip, ent = reduce([acc["tokens"], acc["kl"], acc["clip_frac"], acc["entropy"]])
-        metrics.update({"loss": acc["loss"], "kl": kl / max(tok, 1), "clip_frac": clip / max(tok, 1),
-                        "entropy": ent / max(tok, 1), "grad_norm": acc["grad_norm"], "nonfinite": acc["skipped"],
-                        "ratio_min": reduce([acc["ratio_min"]], dist.ReduceOp.MIN)[0],
-                        "ratio_max": reduce([acc["ratio_max"]], dist.ReduceOp.MAX)[0]})
+        metrics.update(update_metrics(acc))
     metrics.update({f"time_{k}": v for k, v in times.items()})
     sample = {"video": records[0].id, "text": texts[0], "reward": reward[0].item(),
               **{k: v[0].item() for k, v in parts.items()}}
     return metrics, sample
 
+
+def finite_sum(x):
+    """A tensor -> (the sum of its finite values, how many there are): a mean's parts, NaN left out."""
+    return x.nan_to_num().sum().item(), torch.isfinite(x).sum().item()
+
+
+def step_metrics(reward, parts, valid, judged, roll, judge_failures, times):
+    """The step's rollout and reward figures over every rank: each reward part's mean (failed judge calls
+    left out), the share of groups dropped, completion lengths, rollout throughput."""
+    metrics = training.global_means({"reward": finite_sum(reward),
+                                     **{f"reward_{k}": finite_sum(v) for k, v in parts.items()}})
+    n = training.global_sums({"samples": len(reward), "groups": len(valid), "dropped": (~valid).sum().item(),
+                              "judge_failed": (~judged).sum().item(), "gen_tokens": roll.lengths.sum().item(),
+                              "truncated": (~roll.ended).sum().item(), "judge_failures": judge_failures})
+    rollout_time = reduce([times["rollout"]], dist.ReduceOp.MAX)[0]  # the slowest rank sets the pace
+    metrics.update({"groups": n["groups"], "dropped_groups": n["dropped"] / n["groups"],
+                    "judge_failed_groups": n["judge_failed"] / n["groups"],
+                    "judge_failures": n["judge_failures"],
+                    "completion_len": n["gen_tokens"] / n["samples"],
+                    "truncated": n["truncated"] / n["samples"],
+                    "rollout_tok_s": n["gen_tokens"] / max(rollout_time, 1e-9)})
+    return metrics
+
+
+def update_metrics(acc):
+    """update()'s statistics over every rank: the loss, per-token means of KL, clip fraction and entropy,
+    the gradient norm, the ratio's range."""
+    tok, kl, clip, ent = reduce([acc["tokens"], acc["kl"], acc["clip_frac"], acc["entropy"]])
+    return {"loss": acc["loss"], "kl": kl / max(tok, 1), "clip_frac": clip / max(tok, 1),
+            "entropy": ent / max(tok, 1), "grad_norm": acc["grad_norm"], "nonfinite": acc["skipped"],
+            "ratio_min": reduce([acc["ratio_min"]], dist.ReduceOp.MIN)[0],
+            "ratio_max": reduce([acc["ratio_max"]], dist.ReduceOp.MAX)[0]}
+
 # ----------------------------------------------------------------------------- held-out evaluation
 
 
-def heldout_rewards(policy, prompts, reward_fn, cfg, special, device):
+def heldout_rewards(policy, prompts, reward_fn, cfg, tokens, device):
     """Greedy outputs (one per video) for this rank's held-out (record, prompt) pairs, scored by reward_fn ->
     {"val_reward": mean, "val_reward_<part>": mean} over every rank's videos."""
-    greedy = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, group_size=1, temperature=0.0))
+    greedy = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, group_size=1,
+                                                                   temperature=0.0))
     size = cfg.train.prompts_per_rank
     rounds = int(reduce([math.ceil(len(prompts) / size)], dist.ReduceOp.MAX)[0])
     sums = {}
@@ -296,15 +312,15 @@ def heldout_rewards(policy, prompts, reward_fn, cfg, special, device):
         chunk = prompts[k * size:(k + 1) * size]
         weight = 1.0 if chunk else 0.0
         chunk = chunk or prompts[:1]  # a rank with fewer videos keeps in step with the others' collectives
-        batch = {key: v.to(device) for key, v in data.collate([p for _, p in chunk], special["pad_id"]).items()}
-        roll = rollout(policy, batch, greedy, special, generator=None)
-        reward, parts, _ = reward_fn(special["decode"](roll), [rec for rec, _ in chunk], roll)
+        batch = {key: v.to(device) for key, v in data.collate([p for _, p in chunk], tokens.pad_id).items()}
+        roll = rollout(policy, batch, greedy, tokens, generator=None)
+        reward, parts, _ = reward_fn(tokens.decode(roll), [rec for rec, _ in chunk], roll)
         for name, v in {"reward": reward, **{f"reward_{p}": x for p, x in parts.items()}}.items():
             total, n = sums.get(name, (0.0, 0.0))
-            sums[name] = (total + weight * v.nan_to_num().sum().item(), n + weight * torch.isfinite(v).sum().item())
-    names = sorted(sums)
-    flat = reduce([x for name in names for x in sums[name]])
-    return {f"val_{name}": flat[2 * k] / max(flat[2 * k + 1], 1) for k, name in enumerate(names)}
+            part_total, part_n = finite_sum(v)
+            sums[name] = (total + weight * part_total, n + weight * part_n)
+    means = training.global_means({name: sums[name] for name in sorted(sums)})
+    return {f"val_{name}": value for name, value in means.items()}
 
 # ----------------------------------------------------------------------------- the run
 
@@ -317,32 +333,15 @@ class JudgeOutage(training.StopRun):
     """The judge failed for too many groups in a row; a checkpoint was written first."""
 
 
-def check_config(cfg):
-    """Fail before any model loads on settings config.validate's ranges do not cover."""
-    t = cfg.train
-    problems = training.check_run(t, "train", cfg.data)
-    if t.loss_agg not in LOSS_AGGS:
-        problems.append(f"train.loss_agg must be one of {', '.join(LOSS_AGGS)}, got {t.loss_agg!r}")
-    if t.adv_scale not in ("group", "batch", "none"):
-        problems.append(f"train.adv_scale must be group, batch or none, got {t.adv_scale!r}")
-    if t.prefix_shared and cfg.model.attn_implementation not in ("sdpa", "eager"):
-        problems.append("train.prefix_shared packs each group behind one attention mask, which needs "
-                        f"model.attn_implementation sdpa or eager, not {cfg.model.attn_implementation}")
-    if t.warm_start:
-        problems += training.check_run(cfg.sft, "sft", cfg.data)
-    if problems:
-        raise config_lib.ConfigError("; ".join(problems))
-
-
 def train(cfg, reward_fn=None):
-    """The whole run. `reward_fn(texts, records, rollout) -> (reward (N,), parts, stats)`
-    replaces the configured reward (tests use a toy one). Returns the last metrics."""
-    check_config(cfg)
-
-    def program(rank, world, device, mesh):
-        started = warm_start(cfg, rank, world, device, mesh) if cfg.train.warm_start else cfg
-        return run(started, reward_fn, rank, world, device, mesh)
-    return training.launch("grpo.py", program, cfg.train.collective_timeout, cfg.train.replicate)
+    """The whole run: its settings checked, then (train.warm_start) sft.py's stage, then the GRPO loop.
+    `reward_fn(texts, records, rollout) -> (reward (N,), parts, stats)` replaces the configured reward
+    (tests use a toy one). Returns the last metrics."""
+    config_lib.check_program(cfg, "grpo.py")
+    with training.process_group("grpo.py", cfg.train) as (rank, world, device, mesh):
+        if cfg.train.warm_start:
+            cfg = warm_start(cfg, rank, world, device, mesh)
+        return run(cfg, reward_fn, rank, world, device, mesh)
 
 
 def warm_start(cfg, rank, world, device, mesh):
@@ -370,28 +369,26 @@ def warm_start(cfg, rank, world, device, mesh):
 
 
 def run(cfg, reward_fn, rank, world, device, mesh):
+    """The GRPO loop on an initialised process group: rollout, reward, advantage, loss and step (train_step),
+    then log, held-out rewards, samples and checkpoints."""
     t = cfg.train
     training.seed_everything(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1009 + rank)
     need = rewards.required_fields(cfg.reward)  # e.g. subjects for Tscore: a record without them stops here
     records = data.load_records(cfg.data.train, need)  # before any model loads: bad data fails fast
-    val = training.load_heldout(cfg.data.val, need, world) if t.eval_every else []
+    val = data.load_heldout(cfg.data.val, need, world) if t.eval_every else []
     with open(cfg.data.prompt_file) as f:
         instruction = f.read().strip()
 
-    training.check_shared(os.path.join(t.out_dir, "checkpoints"))  # on a disk every node reaches? Before any load
+    # on a disk every node reaches? Checked before any load
+    checkpoint.check_shared(os.path.join(t.out_dir, "checkpoints"))
 
     # model: the policy (fp32 master weights, bf16 compute on GPU) and the frozen reference (bf16 on GPU)
     training.ensure_model(cfg.model, cfg.seed, data.tokenizer_texts(records, instruction))
     policy, tokenizer, model_type = training.load_policy(cfg.model, device, mesh)
     ref = training.load_policy(cfg.model, device, mesh, train=False, offload=t.ref_offload)[0] \
         if t.beta > 0 else None  # with beta == 0 the reference is never loaded
-    end_ids = [tokenizer.convert_tokens_to_ids(tok) for tok in ("<|im_end|>", "<|endoftext|>")]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[1]
-    special = {"eos_ids": end_ids, "pad_id": pad_id,
-               "decode": lambda roll: tokenizer.batch_decode(
-                   [ids[:n] for ids, n in zip(roll.ids.tolist(), roll.lengths.tolist())],
-                   skip_special_tokens=True)}
+    tokens = model_lib.Tokens.of(tokenizer)
 
     # data
     vision_cfg = policy.hf.config.vision_config
@@ -401,7 +398,8 @@ def run(cfg, reward_fn, rank, world, device, mesh):
     stream = data.PromptStream(records, encode, rank, world, cfg.seed, t.prompts_per_rank,
                                cfg.data.shuffle, cfg.data.max_bad_fraction)
     heldout = [(rec, encode(rec)) for rec in val[rank::world]]
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, steps=t.steps or t.epochs * stream.steps_per_epoch()))
+    steps = t.steps or t.epochs * stream.steps_per_epoch()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, steps=steps))
     t = cfg.train
 
     # reward
@@ -412,29 +410,27 @@ def run(cfg, reward_fn, rank, world, device, mesh):
         def reward_fn(texts, recs, roll):
             return rewards.compute_rewards(texts, recs, cfg.reward, judge)
 
-    optimizer, scheduler = training.make_optimizer(policy, t)
-    settings = config_lib.settings(cfg, ("model", "data", "sampling", "reward", "judge", "train"), ("train.resume",))
-    start, extra, resumed_from = training.resume(t, policy, optimizer, scheduler, rank, settings, FIXED_ON_RESUME)
+    optimizer = training.make_optimizer(policy, t)
+    settings = config_lib.settings(cfg, ("model", "data", "sampling", "reward", "judge", "train"),
+                                   leave_out=("train.resume",))
+    start, extra, resumed_from = checkpoint.resume(t, policy, optimizer, rank, settings, FIXED_ON_RESUME)
     nonfinite_run = 0
     if extra:
         nonfinite_run = extra["nonfinite_run"]
         stream.load_state_dict(extra["data"])
-        training.set_rng_state(extra["rng"], generator)
+        checkpoint.set_rng_state(extra["rng"], generator)
         print0(f"resumed from {resumed_from} at step {start}")
     if rank == 0:
         os.makedirs(t.out_dir, exist_ok=True)
         config_lib.save_config(cfg, os.path.join(t.out_dir, "config.yaml"))
     log = training.make_logger(t, config_lib.to_dict(cfg), rank)
-
-    # a step whose groups all tie takes no optimizer step, but the schedule still counts it
-    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
     stop = training.sigterm_watch()
 
-    def checkpoint(step):
-        extra = {"step": step, "nonfinite_run": nonfinite_run, "scheduler": scheduler.state_dict(),
-                 "data": stream.state_dict(), "rng": training.rng_state(generator)}
-        training.save_checkpoint(os.path.join(t.out_dir, "checkpoints"), step, policy, optimizer, extra, rank,
-                                 t.keep_checkpoints, meta={"settings": settings})
+    def save(step):
+        extra = {"step": step, "nonfinite_run": nonfinite_run, "data": stream.state_dict(),
+                 "rng": checkpoint.rng_state(generator)}
+        checkpoint.save_checkpoint(os.path.join(t.out_dir, "checkpoints"), step, policy, optimizer, extra,
+                                   rank, t.keep_checkpoints, meta={"settings": settings})
 
     print0(f"GRPO: {model_type} from {cfg.model.path}, {len(records)} videos, {world} ranks, "
            f"{t.steps} steps of {world * t.prompts_per_rank} videos x G={cfg.sampling.group_size}")
@@ -442,31 +438,25 @@ def run(cfg, reward_fn, rank, world, device, mesh):
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=rank != 0, desc="grpo")
     for step in bar:
         items = stream.next()
-        metrics, sample = train_step(policy, ref, optimizer, items, reward_fn, cfg, special,
+        lr = training.set_lr(optimizer, t, step)
+        metrics, sample = train_step(policy, ref, optimizer, items, reward_fn, cfg, tokens,
                                      generator, device, world)
-        scheduler.step()
         skipped = metrics.get("nonfinite", 0) == t.num_iterations
         nonfinite_run = nonfinite_run + 1 if skipped else 0
         if nonfinite_run > t.max_nonfinite_steps:
             raise training.StopRun(f"{nonfinite_run} steps in a row had a non-finite loss or gradient; "
                                    "lower train.lr or check the rewards in metrics.jsonl")
-        metrics.update(lr=scheduler.get_last_lr()[0], bad_videos=stream.bad, epoch=stream.epoch,
+        metrics.update(lr=lr, bad_videos=stream.bad, epoch=stream.epoch,
                        peak_mem_gb=training.peak_memory_gb(device))
         judged.append(metrics["judge_failed_groups"])
-        window = cfg.judge.failed_window
-        if len(judged) >= window and sum(judged[-window:]) / window > cfg.judge.max_failed_share:
+        if judge_gone(judged, cfg.judge):
             log(metrics, step + 1)
-            checkpoint(step + 1)
+            save(step + 1)
             if rank == 0:
                 print(summary(t.out_dir, t))
-            raise JudgeOutage(f"judging failed for {sum(judged[-window:]) / window:.0%} "
-                              f"of the groups of the last {window} steps, above "
-                              f"judge.max_failed_share={cfg.judge.max_failed_share} (last judge error: "
-                              f"{getattr(judge, 'last_error', '') or 'see the messages above'}). A checkpoint is "
-                              f"written at step {step + 1}: bring the judge back ({cfg.judge.url}) and rerun the same "
-                              "command to resume")
+            raise JudgeOutage(outage_message(judged, cfg.judge, judge, step + 1))
         if t.eval_every and (step + 1) % t.eval_every == 0:
-            metrics.update(heldout_rewards(policy, heldout, reward_fn, cfg, special, device))
+            metrics.update(heldout_rewards(policy, heldout, reward_fn, cfg, tokens, device))
         if (step + 1) % t.log_every == 0:
             log(metrics, step + 1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0):.4f}")
@@ -474,11 +464,29 @@ def run(cfg, reward_fn, rank, world, device, mesh):
             training.append_jsonl(os.path.join(t.out_dir, "samples.jsonl"), {"step": step + 1, **sample})
             if t.sample_every and (step + 1) % t.sample_every == 0:
                 tqdm.write(f"[step {step + 1}] reward {sample['reward']:.3f}: {sample['text'][:300]!r}")
-        if training.end_of_step(step + 1, t, stop, checkpoint):
+        if training.end_of_step(step + 1, t, stop, save):
             return metrics
     bar.close()
-    training.finish(policy, tokenizer, t, cfg.model, device, rank, summary)
+    checkpoint.export(policy, tokenizer, t, cfg.model, device, rank)
+    if rank == 0:
+        print(summary(t.out_dir, t))
     return metrics
+
+
+def judge_gone(judged, judge_cfg):
+    """Whether the share of groups whose judging failed, over the last judge.failed_window steps, is above
+    judge.max_failed_share (judged: that share per step so far)."""
+    window = judge_cfg.failed_window
+    return len(judged) >= window and sum(judged[-window:]) / window > judge_cfg.max_failed_share
+
+
+def outage_message(judged, judge_cfg, judge, step):
+    window = judge_cfg.failed_window
+    last = getattr(judge, "last_error", "") or "see the messages above"
+    return (f"judging failed for {sum(judged[-window:]) / window:.0%} of the groups of the last {window} "
+            f"steps, above judge.max_failed_share={judge_cfg.max_failed_share} (last judge error: {last}). "
+            f"A checkpoint is written at step {step}: bring the judge back ({judge_cfg.url}) and rerun the "
+            "same command to resume")
 
 
 def summary(out, t):
@@ -506,7 +514,9 @@ def summary(out, t):
 
 
 def main(argv):
-    training.main("grpo.py", argv, __doc__, check_config, train)
+    with training.one_line_errors("grpo.py"):
+        if cfg := training.command_line("grpo.py", argv, __doc__):  # None after --help
+            train(cfg)
 
 
 if __name__ == "__main__":

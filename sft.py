@@ -16,7 +16,7 @@ The loss is the negative log-likelihood of the target tokens (the closing <|im_e
 excluded), averaged over every target token of the global batch, so that it does not depend on how the
 batch is split into ranks and micro-batches. Gradients accumulate over a step's micro-batches
 (sft.micro_batch_size videos each), then AdamW steps. Checkpoints, exact resume, SIGTERM, metrics and the
-HF export (sft.out_dir/export, the model folder to give grpo.py or evaluate.py) are training.py's, as in
+HF export (sft.out_dir/export, the model folder to give grpo.py or evaluate.py) are checkpoint.py's, as in
 grpo.py. With sft.eval_every and data.val, the held-out loss is logged as val_loss.
 
 The paper gives no SFT settings; config.yaml's sft: section holds ours (lr 1e-5, one epoch).
@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 import config as config_lib
 import data
 import rewards
@@ -108,34 +109,29 @@ def heldout_loss(policy, prompts, tokenizer, cfg, device):
     return total / max(count, 1)
 
 
-def check_config(cfg):
-    problems = training.check_run(cfg.sft, "sft", cfg.data)
-    if cfg.sft.target not in TARGETS:
-        problems.append(f"sft.target must be one of {', '.join(TARGETS)}, got {cfg.sft.target!r}")
-    if problems:
-        raise config_lib.ConfigError("; ".join(problems))
-
-
 def train(cfg):
-    """The whole supervised run in its own process group. Returns the last metrics."""
-    check_config(cfg)
-    return training.launch("sft.py", lambda *ctx: run(cfg, *ctx), cfg.sft.collective_timeout, cfg.sft.replicate)
+    """The whole supervised run, its settings checked, in its own process group. Returns the last metrics."""
+    config_lib.check_program(cfg, "sft.py")
+    with training.process_group("sft.py", cfg.sft) as (rank, world, device, mesh):
+        return run(cfg, rank, world, device, mesh)
 
 
 def run(cfg, rank, world, device, mesh):
     """The supervised loop on an initialised process group (grpo.py's train.warm_start calls it too)."""
     s = cfg.sft
     training.seed_everything(cfg.seed)
-    need = {"subjects": "sft.target=think"} if s.target == "think" else {}  # the think block is made from them
+    # the think block is made from the record's subjects
+    need = {"subjects": "sft.target=think"} if s.target == "think" else {}
     records = data.load_records(cfg.data.train, need)
-    val = training.load_heldout(cfg.data.val, need, world) if s.eval_every else []
+    val = data.load_heldout(cfg.data.val, need, world) if s.eval_every else []
     if s.target == "think":
         with open(cfg.data.prompt_file) as f:
             instruction = f.read().strip()
     else:
         instruction = data.CAPTION_PROMPT
 
-    training.check_shared(os.path.join(s.out_dir, "checkpoints"))  # on a disk every node reaches? Before any load
+    # on a disk every node reaches? Checked before any load
+    checkpoint.check_shared(os.path.join(s.out_dir, "checkpoints"))
     training.ensure_model(cfg.model, cfg.seed, data.tokenizer_texts(records, instruction))
     policy, tokenizer, model_type = training.load_policy(cfg.model, device, mesh)
     vision_cfg = policy.hf.config.vision_config
@@ -145,17 +141,18 @@ def run(cfg, rank, world, device, mesh):
     stream = data.PromptStream(records, encode, rank, world, cfg.seed, s.prompts_per_rank,
                                cfg.data.shuffle, cfg.data.max_bad_fraction)
     heldout = [(rec, encode(rec)) for rec in val[rank::world]]
-    cfg = dataclasses.replace(cfg, sft=dataclasses.replace(s, steps=s.steps or s.epochs * stream.steps_per_epoch()))
+    steps = s.steps or s.epochs * stream.steps_per_epoch()
+    cfg = dataclasses.replace(cfg, sft=dataclasses.replace(s, steps=steps))
     s = cfg.sft
 
-    optimizer, scheduler = training.make_optimizer(policy, s)
+    optimizer = training.make_optimizer(policy, s)
     settings = config_lib.settings(cfg, ("model", "data", "sft"), ("sft.resume",))
-    start, extra, resumed_from = training.resume(s, policy, optimizer, scheduler, rank, settings, FIXED_ON_RESUME)
+    start, extra, resumed_from = checkpoint.resume(s, policy, optimizer, rank, settings, FIXED_ON_RESUME)
     nonfinite_run = 0
     if extra:
         nonfinite_run = extra["nonfinite_run"]
         stream.load_state_dict(extra["data"])
-        training.set_rng_state(extra["rng"])
+        checkpoint.set_rng_state(extra["rng"])
         print0(f"resumed from {resumed_from} at step {start}")
     if rank == 0:
         os.makedirs(s.out_dir, exist_ok=True)
@@ -163,49 +160,54 @@ def run(cfg, rank, world, device, mesh):
     log = training.make_logger(s, config_lib.to_dict(cfg), rank)
     stop = training.sigterm_watch()
 
-    def checkpoint(step):
-        extra = {"step": step, "nonfinite_run": nonfinite_run, "scheduler": scheduler.state_dict(),
-                 "data": stream.state_dict(), "rng": training.rng_state()}
-        training.save_checkpoint(os.path.join(s.out_dir, "checkpoints"), step, policy, optimizer, extra, rank,
-                                 s.keep_checkpoints, meta={"settings": settings})
+    def save(step):
+        extra = {"step": step, "nonfinite_run": nonfinite_run, "data": stream.state_dict(),
+                 "rng": checkpoint.rng_state()}
+        checkpoint.save_checkpoint(os.path.join(s.out_dir, "checkpoints"), step, policy, optimizer, extra,
+                                   rank, s.keep_checkpoints, meta={"settings": settings})
 
-    print0(f"SFT (target {s.target}): {model_type} from {cfg.model.path}, {len(records)} videos, {world} ranks, "
-           f"{s.steps} steps of {world * s.prompts_per_rank} videos")
+    print0(f"SFT (target {s.target}): {model_type} from {cfg.model.path}, {len(records)} videos, "
+           f"{world} ranks, {s.steps} steps of {world * s.prompts_per_rank} videos")
     metrics = {}
     bar = tqdm(range(start, s.steps), initial=start, total=s.steps, disable=rank != 0, desc="sft")
     for step in bar:
         t0 = time.perf_counter()
+        lr = training.set_lr(optimizer, s, step)
         metrics = train_step(policy, optimizer, stream.next(), tokenizer, cfg, device, world)
-        scheduler.step()
         nonfinite_run = nonfinite_run + 1 if metrics["nonfinite"] else 0
         if nonfinite_run > s.max_nonfinite_steps:
             raise training.StopRun(f"{nonfinite_run} steps in a row had a non-finite loss or gradient; "
                                    "lower sft.lr")
         seconds = reduce([time.perf_counter() - t0], dist.ReduceOp.MAX)[0]
-        metrics.update(lr=scheduler.get_last_lr()[0], tokens_s=metrics["tokens"] / seconds, time_step=seconds,
+        metrics.update(lr=lr, tokens_s=metrics["tokens"] / seconds, time_step=seconds,
                        bad_videos=stream.bad, epoch=stream.epoch, peak_mem_gb=training.peak_memory_gb(device))
         if s.eval_every and (step + 1) % s.eval_every == 0:
             metrics["val_loss"] = heldout_loss(policy, heldout, tokenizer, cfg, device)
         if (step + 1) % s.log_every == 0:
             log(metrics, step + 1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if training.end_of_step(step + 1, s, stop, checkpoint):
+        if training.end_of_step(step + 1, s, stop, save):
             return metrics
     bar.close()
-    training.finish(policy, tokenizer, s, cfg.model, device, rank, summary)
+    checkpoint.export(policy, tokenizer, s, cfg.model, device, rank)
+    if rank == 0:
+        print(summary(s.out_dir, s))
     return metrics
 
 
 def summary(out, s):
     """The loss (and held-out loss) over the first and last quarter of the steps, with its curve."""
     lines = training.read_jsonl(os.path.join(out, "metrics.jsonl"))
-    return (f"done: {s.steps} SFT steps; mean of the first and last quarter of the logged steps, and the curve:\n"
+    return (f"done: {s.steps} SFT steps; mean of the first and last quarter of the logged steps, "
+            "and the curve:\n"
             + "\n".join(training.curves(lines, ("loss", "val_loss")))
             + f"\nmetrics: {out}/metrics.jsonl, export: {out}/export")
 
 
 def main(argv):
-    training.main("sft.py", argv, __doc__, check_config, train)
+    with training.one_line_errors("sft.py"):
+        if cfg := training.command_line("sft.py", argv, __doc__):  # None after --help
+            train(cfg)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import bench  # noqa: E402
+import checkpoint  # noqa: E402
 import config  # noqa: E402
 import data  # noqa: E402
 import fsdp_step  # noqa: E402
@@ -64,9 +65,9 @@ def load(model_dir, out_path):
             "buffers_equal_on_every_rank": all(training.gather(all(buffers.values()))) and len(buffers) > 0,
             "logp_equal": torch.equal(forward_logp(new, tokenizer, kind, cfg), forward_logp(old, tokenizer, kind, cfg))}
     try:
-        training.check_shared("shared", timeout=1.0)
+        checkpoint.check_shared("shared", timeout=1.0)
         found["check_shared"] = "passed"
-    except training.CheckpointError as e:
+    except checkpoint.CheckpointError as e:
         found["check_shared"] = str(e)
     params = {0: full_state(new)}  # the weights as loaded
     for replicate in (1, 2):

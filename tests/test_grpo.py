@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import config
 from conftest import assert_resume_is_exact
 import grpo
 import model
-import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "demo.yaml")
@@ -196,7 +196,7 @@ def test_a_changed_setting_is_honoured_and_recorded_or_refused(tiny_model_dir, t
     changes = [json.loads(line) for line in open(tmp_path / "changes.jsonl")]
     assert {"step": 2, "key": "train.lr", "old": 1e-3, "new": 2e-3} in changes
     assert {"step": 2, "key": "train.steps", "old": 2, "new": 4} in changes
-    with pytest.raises(training.CheckpointError, match="seed was 0 in the checkpoint at step 4, now 7.*resume=never"):
+    with pytest.raises(checkpoint.CheckpointError, match="seed was 0 in the checkpoint at step 4, now 7.*resume=never"):
         grpo.train(demo_cfg(path, tmp_path, *common, "train.steps=6", "seed=7"), reward_fn=reward_fn)
 
 

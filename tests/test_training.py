@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import config
 import model
 import training
@@ -31,8 +32,8 @@ def tiny_policy(path, mesh, lr=0.1):
     policy, tokenizer, _ = training.load_policy(config.ModelConfig(path=path, gradient_checkpointing=False),
                                                 torch.device("cpu"), mesh)
     run = config.TrainConfig(lr=lr, steps=10)
-    optimizer, scheduler = training.make_optimizer(policy, run)
-    return policy, tokenizer, optimizer, scheduler
+    optimizer = training.make_optimizer(policy, run)
+    return policy, tokenizer, optimizer
 
 
 def perturb(policy, optimizer):
@@ -47,31 +48,31 @@ def params(policy):
     return {k: v.full_tensor().clone() for k, v in policy.state_dict().items()}
 
 
-def save(ckpt_dir, step, policy, optimizer, scheduler):
-    extra = {"step": step, "scheduler": scheduler.state_dict(), "rng": training.rng_state(), "note": [1, "a"]}
-    training.save_checkpoint(str(ckpt_dir), step, policy, optimizer, extra, 0, keep=3)
+def save(ckpt_dir, step, policy, optimizer):
+    extra = {"step": step, "rng": checkpoint.rng_state(), "note": [1, "a"]}
+    checkpoint.save_checkpoint(str(ckpt_dir), step, policy, optimizer, extra, 0, keep=3)
 
 
 def test_checkpoints_complete_only_and_fallback(tiny_model_dir, tmp_path, world_of_one, capsys):
-    policy, _, optimizer, scheduler = tiny_policy(tiny_model_dir("qwen2_vl"), world_of_one)
+    policy, _, optimizer = tiny_policy(tiny_model_dir("qwen2_vl"), world_of_one)
     ckpt = tmp_path / "checkpoints"
     perturb(policy, optimizer)
-    save(ckpt, 1, policy, optimizer, scheduler)
+    save(ckpt, 1, policy, optimizer)
     at_one = params(policy)
     perturb(policy, optimizer)
-    save(ckpt, 2, policy, optimizer, scheduler)
+    save(ckpt, 2, policy, optimizer)
     at_two = params(policy)
     assert sorted(os.listdir(ckpt)) == ["step-000001", "step-000002"]
     # a crash mid-save leaves a .tmp folder, even one that already holds a meta.json: never picked
     shutil.copytree(ckpt / "step-000002", ckpt / "step-000003.tmp")
-    assert training.latest_checkpoint(str(ckpt)) == str(ckpt / "step-000002")
+    assert checkpoint.latest_checkpoint(str(ckpt)) == str(ckpt / "step-000002")
     run = config.TrainConfig(out_dir=str(tmp_path))
-    start, extra, path = training.resume(run, policy, optimizer, scheduler, 0)
+    start, extra, path = checkpoint.resume(run, policy, optimizer, 0)
     assert (start, path) == (2, str(ckpt / "step-000002")) and extra["note"] == [1, "a"]
     assert all(torch.equal(v, at_two[k]) for k, v in params(policy).items())
     # a truncated meta.json (full disk) in the newest: skipped with a warning for the one before
     (ckpt / "step-000002" / "meta.json").write_text('{"step": 2, "wor')
-    start, _, path = training.resume(run, policy, optimizer, scheduler, 0)
+    start, _, path = checkpoint.resume(run, policy, optimizer, 0)
     assert (start, path) == (1, str(ckpt / "step-000001"))
     assert "skipping checkpoint" in capsys.readouterr().err
     assert all(torch.equal(v, at_one[k]) for k, v in params(policy).items())
@@ -80,9 +81,32 @@ def test_checkpoints_complete_only_and_fallback(tiny_model_dir, tmp_path, world_
     for name in os.listdir(ckpt / "step-000002"):
         if name.endswith(".distcp"):
             (ckpt / "step-000002" / name).write_bytes(b"garbage")
-    start, _, path = training.resume(run, policy, optimizer, scheduler, 0)
+    start, _, path = checkpoint.resume(run, policy, optimizer, 0)
     assert (start, path) == (1, str(ckpt / "step-000001"))
     assert "do not load" in capsys.readouterr().out
+
+
+def test_the_rate_is_a_function_of_the_step_and_old_checkpoints_resume(tiny_model_dir, tmp_path, world_of_one):
+    """set_lr gives, step by step, the rates torch's LambdaLR gives over the same factor; a checkpoint written
+    while a LambdaLR set the rate (its state in the rank file, initial_lr in the param groups) resumes, and the
+    rate of its step is set from the step alone."""
+    run = config.TrainConfig(out_dir=str(tmp_path), lr=0.1, steps=10, warmup_steps=4, lr_schedule="cosine")
+    policy, _, optimizer = tiny_policy(tiny_model_dir("qwen2_vl"), world_of_one, lr=run.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: training.lr_factor(s, run))
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=run.lr)
+    for step in range(run.steps):
+        assert training.set_lr(probe, run, step) == scheduler.get_last_lr()[0] == probe.param_groups[0]["lr"]
+        if step < 2:  # the old loop: a step, then scheduler.step()
+            perturb(policy, optimizer)
+        scheduler.step()
+        if step == 1:
+            extra = {"step": 2, "nonfinite_run": 0, "scheduler": scheduler.state_dict(),
+                     "rng": checkpoint.rng_state()}
+            checkpoint.save_checkpoint(str(tmp_path / "checkpoints"), 2, policy, optimizer, extra, 0, keep=1)
+    policy, _, optimizer = tiny_policy(tiny_model_dir("qwen2_vl"), world_of_one, lr=run.lr)
+    start, extra, _ = checkpoint.resume(run, policy, optimizer, 0)
+    assert start == 2 and "initial_lr" in optimizer.param_groups[0]
+    assert training.set_lr(optimizer, run, start) == pytest.approx(0.1 * 3 / 4)  # warmup: (2 + 1) / 4
 
 
 class Payload:
@@ -91,24 +115,24 @@ class Payload:
 
 
 def test_a_planted_pickle_is_refused(tiny_model_dir, tmp_path, world_of_one, monkeypatch):
-    policy, _, optimizer, scheduler = tiny_policy(tiny_model_dir("qwen2_vl"), world_of_one)
-    save(tmp_path / "checkpoints", 1, policy, optimizer, scheduler)
+    policy, _, optimizer = tiny_policy(tiny_model_dir("qwen2_vl"), world_of_one)
+    save(tmp_path / "checkpoints", 1, policy, optimizer)
     rank_file = tmp_path / "checkpoints" / "step-000001" / "rank0.pt"
     torch.save({"step": 1, "scheduler": {}, "evil": Payload()}, rank_file, pickle_module=pickle)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(training.CheckpointError, match="weights_only=True and never run code"):
-        training.load_checkpoint(str(tmp_path / "checkpoints" / "step-000001"), policy, optimizer, 0)
+    with pytest.raises(checkpoint.CheckpointError, match="weights_only=True and never run code"):
+        checkpoint.load_checkpoint(str(tmp_path / "checkpoints" / "step-000001"), policy, optimizer, 0)
     assert not (tmp_path / "PWNED").exists()
 
 
 DISK_FULL = """
-import sys, torch, config, training
+import sys, torch, checkpoint, config, training
 rank, world, device, mesh = training.init_distributed()
 policy, _, _ = training.load_policy(config.ModelConfig(path=sys.argv[1], gradient_checkpointing=False), device, mesh)
-optimizer, scheduler = training.make_optimizer(policy, config.TrainConfig(steps=1))
+optimizer = training.make_optimizer(policy, config.TrainConfig(steps=1))
 try:
-    training.save_checkpoint(sys.argv[2], 1, policy, optimizer, {"step": 1}, 0, keep=2)
-except training.CheckpointError as e:
+    checkpoint.save_checkpoint(sys.argv[2], 1, policy, optimizer, {"step": 1}, 0, keep=2)
+except checkpoint.CheckpointError as e:
     print("CAUGHT", e)
 """
 
@@ -140,8 +164,8 @@ def test_the_export_carries_the_source_folders_other_files(tiny_model_dir, tmp_p
         (source / name).write_text(text)
     policy, tokenizer, optimizer, _ = tiny_policy(str(source), world_of_one)
     out = tmp_path / "export"
-    training.export_hf(policy, tokenizer, str(out), torch.float32, 0, source=str(source))
-    weights = training.WEIGHT_FILES
+    checkpoint.export_hf(policy, tokenizer, str(out), torch.float32, 0, source=str(source))
+    weights = checkpoint.WEIGHT_FILES
     theirs = {n for n in os.listdir(source) if not n.endswith(weights)}
     ours = {n for n in os.listdir(out) if not n.endswith(weights)}
     assert theirs <= ours, theirs - ours
