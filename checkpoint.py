@@ -87,10 +87,10 @@ def check_shared(folder, timeout=5.0):
     if dist.get_rank() == 0:
         os.remove(check)
     if blind:
-        raise CheckpointError(f"{ranks_named(blind)} cannot see {where}, where rank 0 keeps the "
-                              "checkpoints: every rank writes its shards there and reads them back on resume, "
-                              "so it must be on a disk every node mounts at the same path (README: "
-                              "multi-node). Set the run's out_dir to such a folder")
+        raise CheckpointError(
+            f"{ranks_named(blind)} cannot see {where}, where rank 0 keeps the checkpoints: every rank "
+            "writes its shards there and reads them back on resume, so it must be on a disk every node "
+            "mounts at the same path (README: multi-node). Set the run's out_dir to such a folder")
 
 
 def _read_text(path):
