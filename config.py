@@ -1,16 +1,29 @@
-"""The one typed source of truth for settings: config.yaml read into dataclasses.
+"""The one typed source of truth for settings: config.yaml read into dataclasses, each key declared once
+with its type, its default and the values it may take.
 
     cfg = load_config("config.yaml", ["train.lr=2e-6", "reward.event.delta1=0.3"])
+    check_program(cfg, "grpo.py")   # once, before any model loads
 
-Every key in config.yaml is a field below; the comments in config.yaml document them.
-Dotted `key=value` overrides on the command line are parsed as YAML scalars (so
-`train.lr=1e-6` is a float and `data.train=x.jsonl` a string). Unknown keys and wrong
-types stop with the closest valid name. `save_config` writes the resolved config into
-the run folder; it holds no secrets because the judge's API key is only ever named
-(`judge.api_key_env`), never stored.
+What this file holds, in order:
+- the checks a field can carry (`positive`, `share`, `at_least(n)`, ...) and the enumerations (LOSS_AGGS,
+  LR_SCHEDULES, ...) that grpo.py, sft.py and training.py import rather than spell again;
+- `setting(default, within)` / `setting(default, choices=...)`, which declares a field with its check;
+- the dataclasses, one per section of config.yaml (whose comments document every key);
+- load_config and validate: types, then every field's range and the rules across keys (ORDERED, the
+  weights of reward.think and reward.cn), on every load;
+- check_program: the rules of the sections one program runs (allowed values, the resume folder, data.val,
+  WORLD_SIZE), which depend on the program and on the machine;
+- to_dict, settings, save_config.
+
+A new numeric key takes two edits: its field here, with its range, and its line in config.yaml, with its
+comment (tests/test_config.py checks both). Dotted `key=value` overrides on the command line are parsed
+as YAML scalars (so `train.lr=1e-6` is a float and `data.train=x.jsonl` a string). Unknown keys and wrong
+types stop with the closest valid name. `save_config` writes the resolved config into the run folder; it
+holds no secrets because the judge's API key is only ever named (`judge.api_key_env`), never stored.
 """
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -20,14 +33,58 @@ import yaml
 class ConfigError(ValueError):
     pass
 
+# ----------------------------------------------------------------------------- what a field may hold
+
+
+class Range(typing.NamedTuple):
+    """The values a numeric field takes: `ok(value)` is true for them (false for NaN), `must` says which."""
+    ok: typing.Callable[[typing.Any], bool]
+    must: str
+
+
+positive = Range(lambda v: v > 0, "must be > 0")
+non_negative = Range(lambda v: v >= 0, "must be >= 0")
+share = Range(lambda v: 0 <= v <= 1, "must be in [0, 1]")
+below_one = Range(lambda v: 0 <= v < 1, "must be in [0, 1)")
+up_to_one = Range(lambda v: 0 < v <= 1, "must be in (0, 1]")
+multiple_of_64 = Range(lambda v: v > 0 and v % 64 == 0, "must be a multiple of 64")
+two_betas = Range(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)")
+
+
+def at_least(n):
+    return Range(lambda v: v >= n, f"must be >= {n}")
+
+
+# The allowed values of the keys that take one of a few words (import them from here).
+LR_SCHEDULES = ("constant", "cosine", "linear")                               # train/sft.lr_schedule
+RESUME_WORDS = ("auto", "never")                                              # train/sft.resume, or a folder
+LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")  # train.loss_agg
+ADV_SCALES = ("group", "batch", "none")                                       # train.adv_scale
+SFT_TARGETS = ("think", "caption")                                            # sft.target
+PREFIX_ATTENTION = ("sdpa", "eager")  # the model.attn_implementation values train.prefix_shared works with
+
+
+def setting(default, within=None, *, choices=None, or_list=False):
+    """A dataclass field with its check, kept in the field's metadata:
+    - `within` (a Range), the values a number may take; validate checks it on every load;
+    - `choices`, the words a string may be; check_program checks them, for the sections the program runs.
+      The message names them "one of a, b, c", or "a, b or c" with `or_list`.
+    Fields without a check stay plain (`path: str = "..."`)."""
+    metadata = {"range": within, "choices": choices, "or_list": or_list}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+# ----------------------------------------------------------------------------- the sections
+
 
 @dataclass
 class ModelConfig:
     path: str = "models/Qwen2-VL-7B-Instruct"
     build_tiny: str = ""
-    tiny_vocab: int = 0
-    tiny_hidden: int = 64
-    tiny_layers: int = 2
+    tiny_vocab: int = setting(0, non_negative)
+    tiny_hidden: int = setting(64, multiple_of_64)
+    tiny_layers: int = setting(2, positive)
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = True
@@ -39,55 +96,55 @@ class DataConfig:
     train: str = "data/train.jsonl"
     val: str = ""
     prompt_file: str = "prompts/think.txt"
-    fps: float = 2.0
-    min_frames: int = 4
-    max_frames: int = 16
-    min_pixels: int = 4 * 28 * 28
-    max_pixels: int = 128 * 28 * 28
-    video_max_pixels: int = 768 * 28 * 28
-    total_pixels: int = 90_316_800
-    max_bad_fraction: float = 0.1
-    max_prompt_tokens: int = 8192
+    fps: float = setting(2.0, positive)
+    min_frames: int = setting(4, at_least(1))
+    max_frames: int = setting(16, at_least(2))
+    min_pixels: int = setting(4 * 28 * 28, positive)
+    max_pixels: int = setting(128 * 28 * 28, positive)
+    video_max_pixels: int = setting(768 * 28 * 28, positive)
+    total_pixels: int = setting(90_316_800, positive)
+    max_bad_fraction: float = setting(0.1, share)
+    max_prompt_tokens: int = setting(8192, positive)
     shuffle: bool = True
 
 
 @dataclass
 class SamplingConfig:
-    group_size: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 1024
+    group_size: int = setting(8, at_least(2))
+    temperature: float = setting(1.0, positive)
+    top_p: float = setting(1.0, up_to_one)
+    max_new_tokens: int = setting(1024, positive)
 
 
 @dataclass
 class ThinkConfig:
-    match_threshold: float = 0.5
-    subject_threshold: float = 0.5
-    attribute_weight: float = 0.5
-    action_weight: float = 0.5
+    match_threshold: float = setting(0.5, share)
+    subject_threshold: float = setting(0.5, share)
+    attribute_weight: float = setting(0.5, non_negative)
+    action_weight: float = setting(0.5, non_negative)
 
 
 @dataclass
 class EventConfig:
     step: bool = True
-    delta1: float = 0.28
-    delta2: float = 0.35
+    delta1: float = setting(0.28, share)
+    delta2: float = setting(0.35, share)
     f1: bool = False
 
 
 @dataclass
 class CNConfig:
-    max_score: int = 10
-    completeness_weight: float = 0.5
-    naturalness_weight: float = 0.5
+    max_score: int = setting(10, positive)
+    completeness_weight: float = setting(0.5, non_negative)
+    naturalness_weight: float = setting(0.5, non_negative)
 
 
 @dataclass
 class RewardConfig:
-    format_weight: float = 1.0
-    think_weight: float = 1.0
-    event_weight: float = 1.0
-    cn_weight: float = 0.0
+    format_weight: float = setting(1.0, non_negative)
+    think_weight: float = setting(1.0, non_negative)
+    event_weight: float = setting(1.0, non_negative)
+    cn_weight: float = setting(0.0, non_negative)
     think: ThinkConfig = field(default_factory=ThinkConfig)
     event: EventConfig = field(default_factory=EventConfig)
     cn: CNConfig = field(default_factory=CNConfig)
@@ -98,46 +155,47 @@ class JudgeConfig:
     url: str = "http://127.0.0.1:8000/v1"
     model: str = "Qwen2.5-72B-Instruct"
     api_key_env: str = "JUDGE_API_KEY"
-    timeout: float = 120.0
-    retries: int = 5
-    backoff: float = 1.0
-    max_backoff: float = 60.0
-    malformed_retries: int = 3
-    concurrency: int = 16
-    max_tokens: int = 1024
-    temperature: float = 0.0
+    timeout: float = setting(120.0, positive)
+    retries: int = setting(5, non_negative)
+    backoff: float = setting(1.0, non_negative)
+    max_backoff: float = setting(60.0, non_negative)
+    malformed_retries: int = setting(3, non_negative)
+    concurrency: int = setting(16, positive)
+    max_tokens: int = setting(1024, positive)
+    temperature: float = setting(0.0, non_negative)
     cache_dir: str = "runs/judge-cache"
     health_check: bool = True
-    max_failed_share: float = 0.5
-    failed_window: int = 10
+    max_failed_share: float = setting(0.5, share)
+    failed_window: int = setting(10, positive)
     prompts: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class RunConfig:
     """What a training program's section holds, shared by `train:` (grpo.py) and `sft:` (sft.py): the
-    loop's length, AdamW and its schedule, checkpoints, the export and logging."""
+    loop's length, AdamW and its schedule, checkpoints, the export and logging. A subclass that changes a
+    default declares the field again, with its range."""
     out_dir: str = "runs/videocap-r1"
-    steps: int = 0
-    epochs: int = 1
-    prompts_per_rank: int = 1
-    micro_batch_size: int = 2
-    replicate: int = 1
-    lr: float = 1e-6
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    resume: str = "auto"
+    steps: int = setting(0, non_negative)
+    epochs: int = setting(1, positive)
+    prompts_per_rank: int = setting(1, positive)
+    micro_batch_size: int = setting(2, positive)
+    replicate: int = setting(1, positive)
+    lr: float = setting(1e-6, positive)
+    lr_schedule: str = setting("constant", choices=LR_SCHEDULES, or_list=True)
+    warmup_steps: int = setting(0, non_negative)
+    min_lr_ratio: float = setting(0.1, share)
+    weight_decay: float = setting(0.0, non_negative)
+    adam_betas: list[float] = setting([0.9, 0.999], two_betas)
+    grad_clip: float = setting(1.0, non_negative)
+    checkpoint_every: int = setting(50, non_negative)
+    keep_checkpoints: int = setting(2, non_negative)
+    resume: str = "auto"  # RESUME_WORDS or a checkpoint folder (check_program)
     export: bool = True
-    log_every: int = 1
-    eval_every: int = 0
-    max_nonfinite_steps: int = 3
-    collective_timeout: float = 1800.0
+    log_every: int = setting(1, positive)
+    eval_every: int = setting(0, non_negative)
+    max_nonfinite_steps: int = setting(3, non_negative)
+    collective_timeout: float = setting(1800.0, positive)
     wandb: bool = False
     wandb_project: str = "videocap-r1"
     tensorboard: bool = False
@@ -146,25 +204,25 @@ class RunConfig:
 @dataclass
 class TrainConfig(RunConfig):
     warm_start: bool = False
-    micro_batch_size: int = 8
+    micro_batch_size: int = setting(8, positive)
     prefix_shared: bool = True
-    num_iterations: int = 1
-    beta: float = 0.04
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    loss_agg: str = "seq-mean-token-mean"
-    adv_scale: str = "group"
-    adv_eps: float = 1e-4
+    num_iterations: int = setting(1, positive)
+    beta: float = setting(0.04, non_negative)
+    eps_low: float = setting(0.2, below_one)
+    eps_high: float = setting(0.2, non_negative)
+    loss_agg: str = setting("seq-mean-token-mean", choices=LOSS_AGGS)
+    adv_scale: str = setting("group", choices=ADV_SCALES, or_list=True)
+    adv_eps: float = setting(1e-4, non_negative)
     ref_offload: bool = False
-    sample_every: int = 10
+    sample_every: int = setting(10, non_negative)
 
 
 @dataclass
 class SFTConfig(RunConfig):
-    target: str = "think"
+    target: str = setting("think", choices=SFT_TARGETS)
     out_dir: str = "runs/sft"
-    lr: float = 1e-5
-    checkpoint_every: int = 200
+    lr: float = setting(1e-5, positive)
+    checkpoint_every: int = setting(200, non_negative)
 
 
 @dataclass
@@ -177,21 +235,21 @@ class EvalConfig:
     out_dir: str = "runs/eval"
     predictions: str = ""
     score_only: bool = False
-    batch_size: int = 4
-    max_new_tokens: int = 1024
-    temperature: float = 0.0
+    batch_size: int = setting(4, positive)
+    max_new_tokens: int = setting(1024, positive)
+    temperature: float = setting(0.0, non_negative)
     think: bool = True
-    max_frames: int = 32
+    max_frames: int = setting(32, at_least(2))
     vdc_sections: list[str] = field(
         default_factory=lambda: ["camera", "short", "background", "main_object", "detailed"])
-    limit: int = 0
-    malformed_retries: int = 9
+    limit: int = setting(0, non_negative)
+    malformed_retries: int = setting(9, non_negative)
     prompts: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = 0  # any integer
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -200,6 +258,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+# ----------------------------------------------------------------------------- reading and checking
 
 
 def _check(value, tp, where):
@@ -279,53 +339,11 @@ def load_config(path=None, overrides=()):
     return cfg
 
 
-_POSITIVE = (lambda v: v > 0, "must be > 0")
-_NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
-_SHARE = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
-
-
-def _at_least(n):
-    return lambda v: v >= n, f"must be >= {n}"
-
-
-# Every numeric key and the values it takes (NaN takes none); tests/test_config.py checks that none is missing.
-# The run sections' keys are listed once for train and sft alike.
-_RUN = {"steps": _NON_NEGATIVE, "epochs": _POSITIVE, "prompts_per_rank": _POSITIVE, "micro_batch_size": _POSITIVE,
-        "replicate": _POSITIVE,
-        "lr": _POSITIVE, "warmup_steps": _NON_NEGATIVE, "min_lr_ratio": _SHARE, "weight_decay": _NON_NEGATIVE,
-        "adam_betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
-        "grad_clip": _NON_NEGATIVE,
-        "checkpoint_every": _NON_NEGATIVE, "keep_checkpoints": _NON_NEGATIVE, "log_every": _POSITIVE,
-        "eval_every": _NON_NEGATIVE, "max_nonfinite_steps": _NON_NEGATIVE, "collective_timeout": _POSITIVE}
-RANGES = {
-    "model": {"tiny_vocab": _NON_NEGATIVE, "tiny_hidden": (lambda v: v > 0 and v % 64 == 0, "must be a multiple of 64"),
-              "tiny_layers": _POSITIVE},
-    "data": {"fps": _POSITIVE, "min_frames": _at_least(1), "max_frames": _at_least(2), "min_pixels": _POSITIVE,
-             "max_pixels": _POSITIVE, "video_max_pixels": _POSITIVE, "total_pixels": _POSITIVE,
-             "max_bad_fraction": _SHARE, "max_prompt_tokens": _POSITIVE},
-    "sampling": {"group_size": _at_least(2), "temperature": _POSITIVE,
-                 "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-                 "max_new_tokens": _POSITIVE},
-    "reward": {"format_weight": _NON_NEGATIVE, "think_weight": _NON_NEGATIVE, "event_weight": _NON_NEGATIVE,
-               "cn_weight": _NON_NEGATIVE},
-    "reward.think": {"match_threshold": _SHARE, "subject_threshold": _SHARE, "attribute_weight": _NON_NEGATIVE,
-                     "action_weight": _NON_NEGATIVE},
-    "reward.event": {"delta1": _SHARE, "delta2": _SHARE},
-    "reward.cn": {"max_score": _POSITIVE, "completeness_weight": _NON_NEGATIVE, "naturalness_weight": _NON_NEGATIVE},
-    "judge": {"timeout": _POSITIVE, "retries": _NON_NEGATIVE, "backoff": _NON_NEGATIVE,
-              "max_backoff": _NON_NEGATIVE, "malformed_retries": _NON_NEGATIVE, "concurrency": _POSITIVE,
-              "max_tokens": _POSITIVE, "temperature": _NON_NEGATIVE, "max_failed_share": _SHARE,
-              "failed_window": _POSITIVE},
-    "train": {**_RUN, "num_iterations": _POSITIVE, "beta": _NON_NEGATIVE,
-              "eps_low": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-              "eps_high": _NON_NEGATIVE, "adv_eps": _NON_NEGATIVE, "sample_every": _NON_NEGATIVE},
-    "sft": _RUN,
-    "eval": {"batch_size": _POSITIVE, "max_new_tokens": _POSITIVE, "temperature": _NON_NEGATIVE,
-             "max_frames": _at_least(2), "limit": _NON_NEGATIVE, "malformed_retries": _NON_NEGATIVE},
-}
-# The pairs of keys whose order matters: (lower, upper)
+# The rules across keys. Pairs whose order matters: (lower, upper).
 ORDERED = [("data.min_frames", "data.max_frames"), ("data.min_pixels", "data.max_pixels"),
            ("reward.event.delta1", "reward.event.delta2"), ("judge.backoff", "judge.max_backoff")]
+# Sections whose *_weight keys must not all be 0 (they weigh the parts of one score).
+WEIGHTED = ("reward.think", "reward.cn")
 
 
 def _get(cfg, dotted):
@@ -334,24 +352,101 @@ def _get(cfg, dotted):
     return cfg
 
 
+def fields_of(section, prefix=""):
+    """(dotted key, value, dataclasses.Field) of every setting of `section` (a dataclass: the Config, or one
+    of its sections), nested sections walked into; a subclass's fields include the ones it inherits."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from fields_of(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, f
+
+
 def validate(cfg):
     """Refuse, with the key named, values the types allow but no run can use (a negative grad_clip would
-    flip the gradient's sign; delta1 above delta2 would make the step function's middle step empty)."""
-    problems = []
-    for section, keys in RANGES.items():
-        for key, (ok, must) in keys.items():
-            value = _get(cfg, f"{section}.{key}")
-            if not ok(value):
-                problems.append(f"{section}.{key} {must}, got {value!r}")
+    flip the gradient's sign; delta1 above delta2 would make the step function's middle step empty): each
+    field's range (`setting(default, within)`), ORDERED and WEIGHTED. load_config calls it."""
+    problems = [f"{key} {within.must}, got {value!r}" for key, value, f in fields_of(cfg)
+                if (within := f.metadata.get("range")) and not within.ok(value)]
     for lower, upper in ORDERED:
         if _get(cfg, lower) > _get(cfg, upper):
             problems.append(f"{lower}={_get(cfg, lower)!r} must not exceed {upper}={_get(cfg, upper)!r}")
-    for section in ("reward.think", "reward.cn"):
+    for section in WEIGHTED:
         weights = [v for k, v in vars(_get(cfg, section)).items() if k.endswith("_weight")]
         if not sum(weights) > 0:
             problems.append(f"{section}: its weights must not all be 0")
     if problems:
         raise ConfigError("; ".join(problems) + " (config.yaml documents each key)")
+
+# ----------------------------------------------------------------------------- what one program runs
+
+# The run section (a RunConfig) that each training program trains with.
+PROGRAMS = {"grpo.py": "train", "sft.py": "sft"}
+_RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def _choice_problems(section, prefix, names):
+    """The fields of `section` among `names` whose value is not one of their `choices`."""
+    problems = []
+    for key, value, f in fields_of(section, prefix):
+        choices = f.metadata.get("choices")
+        if f.name in names and choices and value not in choices:
+            problems.append(f"{key} must be {_spell(choices, f.metadata['or_list'])}, got {value!r}")
+    return problems
+
+
+def _spell(choices, or_list):
+    """("a", "b", "c") as "one of a, b, c", or as "a, b or c" with `or_list`."""
+    return f"{', '.join(choices[:-1])} or {choices[-1]}" if or_list else f"one of {', '.join(choices)}"
+
+
+def _run_problems(cfg, name):
+    """The problems of the run section `name` (train or sft) in the keys every RunConfig has: its
+    lr_schedule, a resume folder that exists, data.val for eval_every, replicate dividing WORLD_SIZE."""
+    run = getattr(cfg, name)
+    problems = _choice_problems(run, f"{name}.", _RUN_KEYS)
+    if run.resume not in RESUME_WORDS and not os.path.isdir(run.resume):
+        problems.append(f"{name}.resume must be {', '.join(RESUME_WORDS)} or a checkpoint folder; "
+                        f"{run.resume!r} is none")
+    if run.eval_every and not cfg.data.val:
+        problems.append(f"{name}.eval_every={run.eval_every} needs data.val, a held-out JSONL")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; the process group does not exist yet
+    if world % run.replicate:
+        problems.append(f"{name}.replicate={run.replicate} must divide the number of ranks, {world}")
+    return problems
+
+
+def _own_problems(cfg, name):
+    """The problems of the run section `name` in the keys only it has (train.loss_agg, sft.target, ...)."""
+    run = getattr(cfg, name)
+    return _choice_problems(run, f"{name}.", {f.name for f in dataclasses.fields(run)} - _RUN_KEYS)
+
+
+def check_program(cfg, program):
+    """Refuse (ConfigError, the problems joined by "; ") what `program`, "grpo.py" or "sft.py", cannot
+    run with, beyond validate's ranges: the allowed values (`choices`) of its run section, the rules that
+    look at the disk and the environment (a resume folder that exists, replicate dividing WORLD_SIZE), and
+    the ones across sections (eval_every needs data.val; train.prefix_shared needs an attention that takes
+    a custom mask). grpo.py checks train: and, with train.warm_start, the RunConfig keys of sft: (not
+    sft.target, as before these rules moved here); sft.py checks sft:. Each program calls it once, before
+    any model loads. load_config does not: evaluate.py and data.py need none of it, and a finished run's
+    config.yaml read back may name a resume folder that is gone."""
+    if program not in PROGRAMS:
+        raise ValueError(f"program must be one of {', '.join(PROGRAMS)}, got {program!r}")
+    name = PROGRAMS[program]
+    problems = _run_problems(cfg, name) + _own_problems(cfg, name)
+    if program == "grpo.py":
+        attention = cfg.model.attn_implementation
+        if cfg.train.prefix_shared and attention not in PREFIX_ATTENTION:
+            problems.append("train.prefix_shared packs each group behind one attention mask, which needs "
+                            f"model.attn_implementation {_spell(PREFIX_ATTENTION, True)}, not {attention}")
+        if cfg.train.warm_start:
+            problems += _run_problems(cfg, "sft")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+# ----------------------------------------------------------------------------- writing
 
 
 def to_dict(cfg):

@@ -52,11 +52,42 @@ def test_save_config_round_trips(tmp_path):
 
 
 def test_every_numeric_key_has_a_range():
-    """config.validate checks every int and float key (seed takes any integer): none was forgotten."""
-    numeric = {k for k, v in config.settings(config.Config(), [f.name for f in config.dataclasses.fields(
-        config.Config)]).items() if isinstance(v, (int, float)) and not isinstance(v, bool)} - {"seed"}
-    covered = {f"{section}.{key}" for section, keys in config.RANGES.items() for key in keys}
-    assert numeric - covered == set()
+    """validate checks every int and float key (seed takes any integer), and train/sft.adam_betas: none was
+    declared without `setting(default, within)`, the RunConfig keys that train and sft inherit included."""
+    fields = list(config.fields_of(config.Config()))
+    numeric = {key for key, value, _ in fields
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    assert {"train.lr", "sft.lr", "sft.steps", "reward.think.match_threshold", "eval.limit"} <= numeric
+    covered = {key for key, _, f in fields if isinstance(f.metadata.get("range"), config.Range)}
+    assert numeric - {"seed"} - covered == set()
+    assert {"train.adam_betas", "sft.adam_betas"} <= covered
+    assert all(f.metadata.get("range") is None for key, value, f in fields if isinstance(value, (bool, str)))
+
+
+def test_every_default_is_in_its_range_and_choices():
+    fields = list(config.fields_of(config.Config()))
+    with_choices = {key: f.metadata["choices"] for key, _, f in fields if f.metadata.get("choices")}
+    assert with_choices == {"train.lr_schedule": config.LR_SCHEDULES, "sft.lr_schedule": config.LR_SCHEDULES,
+                            "train.loss_agg": config.LOSS_AGGS, "train.adv_scale": config.ADV_SCALES,
+                            "sft.target": config.SFT_TARGETS}
+    for key, value, f in fields:
+        assert f.metadata.get("range") is None or f.metadata["range"].ok(value), key
+        assert not f.metadata.get("choices") or value in f.metadata["choices"], key
+
+
+def test_the_enumerations():
+    assert config.LR_SCHEDULES == ("constant", "cosine", "linear")
+    assert config.RESUME_WORDS == ("auto", "never")
+    assert config.LOSS_AGGS == ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+    assert config.ADV_SCALES == ("group", "batch", "none")
+    assert config.SFT_TARGETS == ("think", "caption")
+    assert config.PREFIX_ATTENTION == ("sdpa", "eager")
+
+
+def test_setting_gives_each_instance_its_own_list():
+    a, b = config.RunConfig(), config.RunConfig()
+    a.adam_betas.append(0.5)
+    assert b.adam_betas == [0.9, 0.999] and config.TrainConfig().adam_betas == [0.9, 0.999]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -71,6 +102,14 @@ def test_every_numeric_key_has_a_range():
     ("sft.adam_betas=[0.9, 1.5]", "sft.adam_betas must be two numbers in [0, 1)"),
     ("reward.cn.completeness_weight=0", None),
     ("data.min_frames=20", "data.min_frames=20 must not exceed data.max_frames=16"),
+    ("sft.lr=0", "sft.lr must be > 0, got 0.0"),
+    ("sft.steps=-1", "sft.steps must be >= 0, got -1"),
+    ("train.micro_batch_size=0", "train.micro_batch_size must be > 0, got 0"),
+    ("sft.checkpoint_every=-2", "sft.checkpoint_every must be >= 0, got -2"),
+    ("model.tiny_hidden=96", "model.tiny_hidden must be a multiple of 64, got 96"),
+    ("sampling.top_p=0", "sampling.top_p must be in (0, 1], got 0"),
+    ("train.eps_low=1", "train.eps_low must be in [0, 1), got 1.0"),
+    ("eval.max_frames=1", "eval.max_frames must be >= 2, got 1"),
 ])
 def test_out_of_range_values_are_refused_with_the_key(override, message):
     if message is None:  # one weight of two may be 0; both may not
@@ -80,3 +119,127 @@ def test_out_of_range_values_are_refused_with_the_key(override, message):
         return
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[").replace(")", r"\)")):
         load_config(CONFIG, [override])
+
+
+def test_validate_reports_every_problem_in_one_message():
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIG, ["train.lr=-1", "judge.backoff=100", "reward.think.attribute_weight=0",
+                             "reward.think.action_weight=0"])
+    assert str(e.value) == ("train.lr must be > 0, got -1.0; judge.backoff=100.0 must not exceed "
+                            "judge.max_backoff=60.0; reward.think: its weights must not all be 0 "
+                            "(config.yaml documents each key)")
+
+
+# ----------------------------------------------------------------------------- check_program
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+def problems(program, *overrides):
+    """check_program's message for the config.yaml defaults with `overrides`; "" when it passes."""
+    cfg = load_config(CONFIG, list(overrides))  # the program's rules are not load_config's
+    try:
+        config.check_program(cfg, program)
+    except ConfigError as e:
+        return str(e)
+    return ""
+
+
+@pytest.mark.parametrize("program", ["grpo.py", "sft.py"])
+def test_the_defaults_pass(one_rank, program):
+    assert problems(program) == ""
+
+
+@pytest.mark.parametrize("program, section", [("grpo.py", "train"), ("sft.py", "sft")])
+def test_the_run_rules_of_each_program(one_rank, program, section):
+    s = section
+    assert problems(program, f"{s}.lr_schedule=step") == (
+        f"{s}.lr_schedule must be constant, cosine or linear, got 'step'")
+    assert problems(program, f"{s}.resume=nowhere/ckpt") == (
+        f"{s}.resume must be auto, never or a checkpoint folder; 'nowhere/ckpt' is none")
+    assert problems(program, f"{s}.eval_every=5") == f"{s}.eval_every=5 needs data.val, a held-out JSONL"
+    assert problems(program, f"{s}.eval_every=5", "data.val=val.jsonl") == ""
+    assert problems(program, f"{s}.replicate=2") == f"{s}.replicate=2 must divide the number of ranks, 1"
+    for fine in ("cosine", "linear"):
+        assert problems(program, f"{s}.lr_schedule={fine}") == ""
+    assert problems(program, f"{s}.resume=never") == ""
+
+
+def test_resume_takes_an_existing_folder(one_rank, tmp_path):
+    assert problems("sft.py", f"sft.resume={tmp_path}") == ""
+    (tmp_path / "file").write_text("")
+    assert problems("sft.py", f"sft.resume={tmp_path}/file") == (
+        f"sft.resume must be auto, never or a checkpoint folder; '{tmp_path}/file' is none")
+
+
+def test_replicate_must_divide_world_size(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    assert problems("grpo.py", "train.replicate=3") == ""
+    assert problems("grpo.py", "train.replicate=4") == "train.replicate=4 must divide the number of ranks, 6"
+    assert problems("sft.py", "sft.replicate=6") == ""
+    assert problems("sft.py", "sft.replicate=12") == "sft.replicate=12 must divide the number of ranks, 6"
+
+
+def test_grpo_rules(one_rank):
+    assert problems("grpo.py", "train.loss_agg=mean") == (
+        "train.loss_agg must be one of seq-mean-token-mean, token-mean, seq-mean-token-sum-norm, got 'mean'")
+    assert problems("grpo.py", "train.adv_scale=std") == (
+        "train.adv_scale must be group, batch or none, got 'std'")
+    assert problems("grpo.py", "model.attn_implementation=flash_attention_2") == (
+        "train.prefix_shared packs each group behind one attention mask, which needs "
+        "model.attn_implementation sdpa or eager, not flash_attention_2")
+    assert problems("grpo.py", "model.attn_implementation=flash_attention_2",
+                    "train.prefix_shared=false") == ""
+    for agg in config.LOSS_AGGS:
+        assert problems("grpo.py", f"train.loss_agg={agg}") == ""
+    for scale in config.ADV_SCALES:
+        assert problems("grpo.py", f"train.adv_scale={scale}") == ""
+    assert problems("grpo.py", "model.attn_implementation=eager") == ""
+
+
+def test_sft_rules(one_rank):
+    assert problems("sft.py", "sft.target=both") == "sft.target must be one of think, caption, got 'both'"
+    assert problems("sft.py", "sft.target=caption") == ""
+
+
+def test_each_program_checks_its_own_section_only(one_rank):
+    grpo_only = ["train.loss_agg=mean", "train.adv_scale=std", "train.lr_schedule=step", "train.replicate=2",
+                 "model.attn_implementation=flash_attention_2", "train.eval_every=1"]
+    sft_only = ["sft.target=both", "sft.lr_schedule=step", "sft.resume=nowhere", "sft.replicate=2",
+                "sft.eval_every=1"]
+    assert problems("sft.py", *grpo_only) == ""
+    assert problems("grpo.py", *sft_only) == ""  # without train.warm_start, sft: is not grpo.py's
+
+
+def test_warm_start_adds_the_sft_run_rules(one_rank):
+    bad_sft = ["sft.lr_schedule=step", "sft.resume=nowhere", "sft.eval_every=1", "sft.replicate=2"]
+    assert problems("grpo.py", "train.warm_start=true") == ""
+    assert problems("grpo.py", "train.warm_start=true", *bad_sft) == "; ".join([
+        "sft.lr_schedule must be constant, cosine or linear, got 'step'",
+        "sft.resume must be auto, never or a checkpoint folder; 'nowhere' is none",
+        "sft.eval_every=1 needs data.val, a held-out JSONL",
+        "sft.replicate=2 must divide the number of ranks, 1"])
+    # as before these rules moved into config.py, grpo.py's warm start does not check sft.target
+    assert problems("grpo.py", "train.warm_start=true", "sft.target=both") == ""
+
+
+def test_problems_come_together_in_order(one_rank):
+    assert problems("grpo.py", "train.adv_scale=std", "train.loss_agg=mean", "train.resume=nowhere",
+                    "train.warm_start=true", "sft.resume=gone", "model.attn_implementation=x") == "; ".join([
+        "train.resume must be auto, never or a checkpoint folder; 'nowhere' is none",
+        "train.loss_agg must be one of seq-mean-token-mean, token-mean, seq-mean-token-sum-norm, got 'mean'",
+        "train.adv_scale must be group, batch or none, got 'std'",
+        "train.prefix_shared packs each group behind one attention mask, which needs "
+        "model.attn_implementation sdpa or eager, not x",
+        "sft.resume must be auto, never or a checkpoint folder; 'gone' is none"])
+    assert problems("sft.py", "sft.target=both", "sft.lr_schedule=step") == (
+        "sft.lr_schedule must be constant, cosine or linear, got 'step'; "
+        "sft.target must be one of think, caption, got 'both'")
+
+
+def test_check_program_takes_a_training_program():
+    with pytest.raises(ValueError, match="program must be one of grpo.py, sft.py, got 'evaluate.py'"):
+        config.check_program(config.Config(), "evaluate.py")
