@@ -82,9 +82,6 @@ def kl_k3(logp, ref_logp):
     return torch.exp(log_ratio) - log_ratio - 1.0
 
 
-LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
-
-
 def policy_loss(logp, old_logp, ref_logp, adv, mask, eps_low, eps_high, beta, agg,
                 norm=None, max_len=None):
     """The GRPO objective, negated for gradient descent.
@@ -116,7 +113,7 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, eps_low, eps_high, beta, ag
         per_seq = (per_token * mask).sum(1) / (max_len or logp.shape[1])  # (N,)
         loss = per_seq.sum() / (norm if norm is not None else logp.shape[0])
     else:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {agg!r}")
+        raise ValueError(f"loss_agg must be one of {config_lib.LOSS_AGGS}, got {agg!r}")
     with torch.no_grad():
         on = mask > 0
         n = on.sum().clamp(min=1)

@@ -38,7 +38,6 @@ import rewards
 import training
 from training import print0, reduce
 
-TARGETS = ("think", "caption")
 # Settings a resumed run must share with its checkpoint (grpo.py's, and the target)
 FIXED_ON_RESUME = ("seed", "model.path", "data.train", "data.shuffle", "sft.target")
 

@@ -359,8 +359,9 @@ def fill_from_rank0(policy, stored, device, path):
                 torch.empty(entry.shape, dtype=entry.dtype, device=device)
             dist.broadcast(full, src=0)
             if isinstance(tensor, DTensor):
-                mine = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None)
-                tensor.to_local().copy_(mine.to_local())
+                shard_of = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None)
+                tensor.to_local().copy_(shard_of.to_local())
+                del shard_of  # it may view `full`, which must go before the next tensor is read
             else:
                 tensor.copy_(full)
             del full

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from grpo import LOSS_AGGS, group_advantages, kl_k3, length_mask, policy_loss
+from config import LOSS_AGGS, Config
+from grpo import group_advantages, kl_k3, length_mask, policy_loss
 from training import lr_factor
-from config import Config
 
 
 def slow_policy_loss(logp, old_logp, ref_logp, adv, lengths, eps_low, eps_high, beta, agg, max_len):
