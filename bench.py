@@ -1,47 +1,51 @@
-"""Speed and memory of the rollout, the log-prob pass and the training passes, against the usual approach, in one
-process.
+"""Speed and memory of the rollout, the log-prob pass and the training passes against the usual approach,
+host memory at start-up, and whether the demo learns: each measured in one process and printed as a table.
 
-    python bench.py            # CPU figures (a few minutes on 2 cores); GPU figures too when CUDA is there
-    python bench.py --quick    # small shapes, under a minute: what tests/test_bench.py runs
+    python bench.py            # CPU figures; GPU figures too when CUDA is there
+    python bench.py --quick    # small shapes: what tests/test_bench.py runs
     python bench.py --load     # section 5 alone: host memory at start-up under torchrun, 1, 2 and 4 ranks
     python bench.py --demo     # section 6 alone: does `python grpo.py demo.yaml` learn, on seeds 0, 1 and 2?
 
-1. Rollout. model.generate (vision tower and prefill once per prompt, KV cache copied to the G rows) against
-   HF generate with num_return_sequences=G (as Video-R1 and R1-V use it; in transformers 5.24 it runs the vision
-   tower once per video but the language-model prefill G times, and concatenates the cache on every step), on
-   the same random Qwen2-VL model, inputs and greedy settings, for prompts of about 1K and 4K visual tokens,
-   G = 8, 128 new tokens. Both ban the vision placeholder tokens (HF through suppress_tokens) and run without an
-   end token, so both generate exactly 128 tokens; the outputs must be identical (in float32; in bf16 a near-tie
-   can part them, so the share of equal tokens is printed).
+(How long each takes, and the figures measured so far: README.md's Performance section and
+docs/benchmarks.md.)
+
+1. Rollout. model.generate (vision tower and prefill once per prompt, KV cache copied to the G rows)
+   against HF generate with num_return_sequences=G (as Video-R1 and R1-V use it; in transformers 5.24 it
+   runs the vision tower once per video but the language-model prefill G times, and concatenates the cache
+   on every step), on the same random Qwen2-VL model, inputs and greedy settings, for prompts of about 1K
+   and 4K visual tokens, G = 8, 128 new tokens. Both ban the vision placeholder tokens (HF through
+   suppress_tokens) and run without an end token, so both generate exactly 128 tokens; the outputs must be
+   identical (in float32; in bf16 a near-tie can part them, so the share of equal tokens is printed).
 2. Log-probs. model.selective_log_softmax (chunks of tokens) against a plain full-logits log_softmax at
    V = 151,936, T = 2048, N = 8 (no-grad, as in the old and reference passes): peak memory above the inputs
    (on CPU the kernel's resident high-water mark, reset before each) and time; the largest difference.
-3. GPU only: decode tokens/s of a group of 8 after a 4K-token video prompt on a random model of Qwen2-VL-7B's
-   shape in bf16, with the share of the memory-bandwidth bound (weights and KV cache read per step against the
-   card's bandwidth), and the MFU of the policy's forward+backward with gradient checkpointing on ~4K tokens.
+3. GPU only: decode tokens/s of a group of 8 after a 4K-token video prompt on a random model of
+   Qwen2-VL-7B's shape in bf16, with the share of the memory-bandwidth bound (weights and KV cache read per
+   step against the card's bandwidth), and the MFU of the policy's forward+backward with gradient
+   checkpointing on ~4K tokens.
 4. Training passes. The reference log-probs (no grad) and the update's forward+backward (gradient
    checkpointing on) of one group, per row (the prompt repeated G times, as the usual GRPO code runs them)
-   against prefix-shared (model.Policy with group_size: vision tower and prompt once per group), at about 1K
-   and 4K visual tokens, G = 8 completions of 256 tokens: time, peak memory above the weights and gradients,
-   and the largest log-prob and gradient differences. On the CPU shape in float32, and on a GPU on the 7B
-   shape in bf16 (where the differences are bf16 rounding).
-5. Start-up (--load, CPU): torchrun with 1, 2 and 4 ranks loads the policy and the reference (model.dtype auto:
-   both float32 on CPU) of a random Qwen2-VL of about 200M parameters, saved in bf16 as Qwen's checkpoints are,
-   the old way, every rank reading the whole model before sharding it, and as training.load_policy does, every
-   rank building on the meta device and rank 0 streaming the safetensors files into the shards one tensor at
-   a time (at 4 ranks also with model.dtype=bfloat16: the reference held in bf16, as on a GPU): each rank's
-   resident high-water mark above the idle process (after imports and joining the group), in all and beyond
-   the rank's own shards (on a GPU they are in GPU memory, not the host's), and the node's total. On a GPU
-   (without --load): the reference's log-prob pass held in bf16 against float32, as it ran before
-   training.precision.
-6. The demo (--demo): `python grpo.py demo.yaml seed=S` from nothing (tiny model built, warm start, GRPO) for
-   S = 0, 1, 2, each in its own folder: wall time, the mean total reward (0..3) and format score over the
-   first and last quarter of the GRPO steps (from metrics.jsonl, demo_learning), against the demo's targets:
-   a rise of at least 0.3, a final format score above 0.5, under 3 minutes on 2 CPU cores.
+   against prefix-shared (model.Policy with group_size: vision tower and prompt once per group), at about
+   1K and 4K visual tokens, G = 8 completions of 256 tokens: time, peak memory above the weights and
+   gradients, and the largest log-prob and gradient differences. On the CPU shape in float32, and on a GPU
+   on the 7B shape in bf16 (where the differences are bf16 rounding).
+5. Start-up (--load, CPU): torchrun with 1, 2 and 4 ranks loads the policy and the reference (model.dtype
+   auto: both float32 on CPU) of a random Qwen2-VL of about 200M parameters, saved in bf16 as Qwen's
+   checkpoints are, the old way, every rank reading the whole model before sharding it, and as
+   training.load_policy does, every rank building on the meta device and rank 0 streaming the safetensors
+   files into the shards one tensor at a time (at 4 ranks also with model.dtype=bfloat16: the reference
+   held in bf16, as on a GPU): each rank's resident high-water mark above the idle process (after imports
+   and joining the group), in all and beyond the rank's own shards (on a GPU they are in GPU memory, not
+   the host's), and the node's total. On a GPU (without --load): the reference's log-prob pass held in bf16
+   against float32, as it ran before training.precision.
+6. The demo (--demo): `python grpo.py demo.yaml seed=S` from nothing (tiny model built, warm start, GRPO)
+   for S = 0, 1, 2, each in its own folder: wall time, the mean total reward (0..3) and format score over
+   the first and last quarter of the GRPO steps (from metrics.jsonl, demo_learning), against the demo's
+   targets: a rise of at least 0.3, a final format score above 0.5, under 3 minutes on 2 CPU cores.
 
-The rollout prompts use grids whose frame count is at most their merged side: there transformers' own M-RoPE
-positions for the text after the video (which ignore the temporal axis, see model.rope_positions) coincide
-with Qwen's rule that model.py follows, so the two generators see the same positions.
+The rollout prompts use grids whose frame count is at most their merged side: there transformers' own
+M-RoPE positions for the text after the video (which ignore the temporal axis, see model.rope_positions)
+coincide with Qwen's rule that model.py follows, so the two generators see the same positions.
 """
 import argparse
 import ctypes
@@ -52,20 +56,21 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
 import data
 import model as model_lib
 
-# Qwen2-VL's special tokens as offsets from <|endoftext|>, 151643 in its tokenizer; a small vocabulary holds them
-# at its end
+# Qwen2-VL's special tokens as offsets from <|endoftext|>, 151643 in its tokenizer; a small vocabulary holds
+# them at its end
 SPECIAL = dict(endoftext=0, im_start=1, vision_start=9, vision_end=10, image_pad=12, video_pad=13)
-# Text: hidden, layers, heads, kv heads, MLP; vision: depth, width, heads; vocab. The CPU shape keeps the 7B's
-# proportions where they decide the timing: its lm_head holds 9% of the decoder's weights (7B: 8%), and its vision
-# tower costs 0.53x the decoder's prefill per video (7B: 0.44x; 4 patches per token, 4 * vision / decoder weights).
-# With Qwen's 151,936 tokens at hidden 512 the lm_head would be 7x the decoder and most of a decode step; that
-# shape's 4K row is printed too ("cpu-qwen-vocab").
+# Text: hidden, layers, heads, kv heads, MLP; vision: depth, width, heads; vocab. The CPU shape keeps the
+# 7B's proportions where they decide the timing: its lm_head holds 9% of the decoder's weights (7B: 8%), and
+# its vision tower costs 0.53x the decoder's prefill per video (7B: 0.44x; 4 patches per token,
+# 4 * vision / decoder weights). With Qwen's 151,936 tokens at hidden 512 the lm_head would be 7x the
+# decoder and most of a decode step; that shape's 4K row is printed too ("cpu-qwen-vocab").
 SHAPES = {
     "cpu": dict(hidden=512, layers=4, heads=8, kv_heads=2, mlp=1376, depth=4, width=128, vision_heads=2,
                 vocab=2048),
@@ -91,24 +96,26 @@ def special_ids(vocab):
 
 def random_model(shape, dtype, device, seed=0, std=None):
     """A random Qwen2VLForConditionalGeneration of `shape` (SHAPES) in eval mode. Init std 0.2 on the small
-    shapes unless `std` says otherwise, as model.build_tiny: with the usual 0.02 the logits are near-uniform and
-    greedy argmaxes can tie."""
+    shapes unless `std` says otherwise, as model.build_tiny: with the usual 0.02 the logits are near-uniform
+    and greedy argmaxes can tie."""
     from transformers import AutoConfig
     s = SHAPES[shape]
     std = std or (0.02 if shape == "7b" else 0.2)
     ids = special_ids(s["vocab"])
     text = dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"],
-                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-                max_position_embeddings=32768, initializer_range=std,
+                num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                num_key_value_heads=s["kv_heads"], max_position_embeddings=32768, initializer_range=std,
                 bos_token_id=ids["endoftext"], eos_token_id=ids["endoftext"], pad_token_id=ids["endoftext"],
-                # Qwen2-VL's sections of the rotary frequencies, scaled to this head size (7B: 16, 24, 24 of 64)
+                # Qwen2-VL's sections of the rotary frequencies, scaled to this head size
+                # (7B: 16, 24, 24 of 64)
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                  "mrope_section": _sections(s["hidden"] // s["heads"] // 2)})
-    vision = dict(depth=s["depth"], embed_dim=s["width"], hidden_size=s["hidden"], num_heads=s["vision_heads"],
-                  mlp_ratio=4, initializer_range=std)
-    config = AutoConfig.for_model("qwen2_vl", text_config=text, vision_config=vision, tie_word_embeddings=False,
-                                  initializer_range=std, image_token_id=ids["image_pad"],
-                                  video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
+    vision = dict(depth=s["depth"], embed_dim=s["width"], hidden_size=s["hidden"],
+                  num_heads=s["vision_heads"], mlp_ratio=4, initializer_range=std)
+    config = AutoConfig.for_model("qwen2_vl", text_config=text, vision_config=vision,
+                                  tie_word_embeddings=False, initializer_range=std,
+                                  image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
+                                  vision_start_token_id=ids["vision_start"],
                                   vision_end_token_id=ids["vision_end"])
     torch.manual_seed(seed)
     with torch.device(device):
@@ -132,7 +139,8 @@ def video_prompt(hf, visual_tokens, device, seed=0):
     tps = hf.config.vision_config.temporal_patch_size
     g = torch.Generator().manual_seed(seed)
     special = special_ids(hf.config.text_config.vocab_size)
-    text = lambda n: torch.randint(0, special["endoftext"], (n,), generator=g)  # noqa: E731  (ordinary tokens)
+    def text(n):  # n ordinary tokens
+        return torch.randint(0, special["endoftext"], (n,), generator=g)
     n_video = t * side * side
     ids = torch.cat([torch.tensor([special["im_start"]]), text(20), torch.tensor([special["vision_start"]]),
                      torch.full((n_video,), special["video_pad"]), torch.tensor([special["vision_end"]]),
@@ -165,8 +173,9 @@ def ours(hf, batch, G, new_tokens):
 
 
 def usual(hf, batch, G, new_tokens):
-    """HF generate with num_return_sequences=G, the same banned tokens, no end token: (N, new_tokens). HF refuses
-    greedy decoding with G > 1 returns, so it samples with top_k=1, which keeps only the argmax: greedy."""
+    """HF generate with num_return_sequences=G, the same banned tokens, no end token: (N, new_tokens). HF
+    refuses greedy decoding with G > 1 returns, so it samples with top_k=1, which keeps only the argmax:
+    greedy."""
     from transformers import GenerationConfig
     settings = GenerationConfig(do_sample=True, top_k=1, top_p=1.0, temperature=1.0, num_return_sequences=G,
                                 max_new_tokens=new_tokens, min_new_tokens=0, eos_token_id=None,
@@ -186,11 +195,12 @@ def bench_rollout(hf, visual_tokens, G, new_tokens):
     t_ours, ids_ours = timed(lambda: ours(hf, batch, G, new_tokens), device)
     t_usual, ids_usual = timed(lambda: usual(hf, batch, G, new_tokens), device)
     tokens = G * new_tokens
-    return {"visual_tokens": int((batch["mm_token_type_ids"] == 2).sum()), "prompt": batch["input_ids"].shape[1],
-            "ours_s": t_ours, "usual_s": t_usual, "ours_tok_s": tokens / t_ours, "usual_tok_s": tokens / t_usual,
-            "speedup": t_usual / t_ours,
-            "same": float((ids_ours == ids_usual.to(ids_ours)).float().mean()) if ids_ours.shape == ids_usual.shape
-            else 0.0}
+    same = (float((ids_ours == ids_usual.to(ids_ours)).float().mean())
+            if ids_ours.shape == ids_usual.shape else 0.0)
+    return {"visual_tokens": int((batch["mm_token_type_ids"] == 2).sum()),
+            "prompt": batch["input_ids"].shape[1], "ours_s": t_ours, "usual_s": t_usual,
+            "ours_tok_s": tokens / t_ours, "usual_tok_s": tokens / t_usual, "speedup": t_usual / t_ours,
+            "same": same}
 
 
 # ----------------------------------------------------------------------------- 2. log-probs
@@ -221,8 +231,9 @@ def measured(fn, device):
     """(seconds, peak bytes allocated while fn ran above what was allocated before, fn()). CUDA: the caching
     allocator's peak. CPU: Linux's resident-set high-water mark (VmHWM), reset just before (clear_refs 5);
     torch's CPU allocator returns large blocks to the system at once, so this is the tensors' peak. Blocks
-    below glibc's mmap threshold (which grows to 32 MB once such blocks are freed) stay in its heap when freed,
-    and a run that fits in them would raise no high-water mark: malloc_trim hands them back first."""
+    below glibc's mmap threshold (which grows to 32 MB once such blocks are freed) stay in its heap when
+    freed, and a run that fits in them would raise no high-water mark: malloc_trim hands them back
+    first."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -238,15 +249,17 @@ def measured(fn, device):
 
 
 def bench_logprobs(V, T, N, H, device):
-    """Peak memory above the inputs and seconds of both variants, their ratio, and their largest difference."""
+    """Peak memory above the inputs and seconds of both variants, their ratio, and their largest
+    difference."""
     hidden, weight, targets = logprob_inputs(V, T, N, H, device)
     runs = {}
     with torch.no_grad():
         for name, fn in (("plain", plain_logp), ("chunked", chunked_logp)):
             runs[name] = measured(lambda: fn(hidden, weight, targets), device)
     (plain_s, plain_b, plain), (chunked_s, chunked_b, chunked) = runs["plain"], runs["chunked"]
-    return {"plain_gb": plain_b / 2**30, "chunked_gb": chunked_b / 2**30, "memory_ratio": chunked_b / plain_b,
-            "plain_s": plain_s, "chunked_s": chunked_s, "max_diff": float((plain - chunked).abs().max())}
+    return {"plain_gb": plain_b / 2**30, "chunked_gb": chunked_b / 2**30,
+            "memory_ratio": chunked_b / plain_b, "plain_s": plain_s, "chunked_s": chunked_s,
+            "max_diff": float((plain - chunked).abs().max())}
 
 
 # ----------------------------------------------------------------------------- 3. GPU: decode and MFU
@@ -260,9 +273,9 @@ def text_weight_bytes(hf):
 
 
 def bench_decode(hf, visual_tokens, G, new_tokens, bandwidth):
-    """Decode tokens/s of G rows after one video prompt, and the share of the bandwidth bound: the decode time
-    is a run of 1 + new_tokens tokens minus a run of 1 (the prefill); a step reads the decoder's weights and the
-    G rows' KV cache (at the mean length over the decode)."""
+    """Decode tokens/s of G rows after one video prompt, and the share of the bandwidth bound: the decode
+    time is a run of 1 + new_tokens tokens minus a run of 1 (the prefill); a step reads the decoder's
+    weights and the G rows' KV cache (at the mean length over the decode)."""
     device = hf.device
     batch = video_prompt(hf, visual_tokens, device)
     ours(hf, batch, G, 2)
@@ -288,7 +301,8 @@ def bench_mfu(hf, visual_tokens, completion, peak_flops):
     hf.train().requires_grad_(True)
     hf.activation_checkpointing_enable()
     policy = model_lib.Policy(hf)
-    ids = torch.randint(0, hf.config.text_config.pad_token_id, (1, completion), device=device)  # ordinary tokens
+    ordinary = hf.config.text_config.pad_token_id  # the ids below it are ordinary tokens
+    ids = torch.randint(0, ordinary, (1, completion), device=device)
     lengths = torch.tensor([completion], device=device)
 
     def step():
@@ -302,8 +316,9 @@ def bench_mfu(hf, visual_tokens, completion, peak_flops):
     layer_params = sum(p.numel() for p in hf.model.language_model.layers.parameters())
     vision_params = sum(p.numel() for p in hf.model.visual.parameters())
     patches = int(batch["video_grid_thw"].prod())
-    flops = 6 * (layer_params * tokens + c.num_hidden_layers * c.hidden_size * tokens ** 2   # decoder, causal
-                 + hf.lm_head.weight.numel() * completion + vision_params * patches)     # lm_head on the answer
+    decoder = layer_params * tokens + c.num_hidden_layers * c.hidden_size * tokens ** 2     # causal
+    lm_head = hf.lm_head.weight.numel() * completion                                      # on the answer
+    flops = 6 * (decoder + lm_head + vision_params * patches)
     hf.activation_checkpointing_disable()
     hf.eval().requires_grad_(False)
     return {"tokens": tokens, "seconds": seconds, "tflops": flops / seconds / 1e12,
@@ -323,15 +338,16 @@ def training_inputs(hf, visual_tokens, G, completion, seed=0):
     completion: (batch, ids (G, T), lengths (G,), adv (G,))."""
     device = hf.device
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, special_ids(hf.config.text_config.vocab_size)["endoftext"], (G, completion), generator=g)
+    ordinary = special_ids(hf.config.text_config.vocab_size)["endoftext"]  # the ids below it
+    ids = torch.randint(0, ordinary, (G, completion), generator=g)
     adv = torch.randn(G, generator=g)
     return (video_prompt(hf, visual_tokens, device, seed), ids.to(device),
             torch.full((G,), completion, device=device), adv.to(device))
 
 
 def training_pass(policy, inputs, shared, update):
-    """Log-probs (G, T) of one group: per row (the prompt repeated G times, data.repeat_batch) or prefix-shared
-    (model.Policy with group_size); update=True also runs the backward of a token-mean loss
+    """Log-probs (G, T) of one group: per row (the prompt repeated G times, data.repeat_batch) or
+    prefix-shared (model.Policy with group_size); update=True also runs the backward of a token-mean loss
     -sum_it A_i * logp_it / tokens, the shape of GRPO's (at ratio 1)."""
     batch, ids, lengths, adv = inputs
     G = ids.shape[0]
@@ -346,49 +362,61 @@ def training_pass(policy, inputs, shared, update):
 
 def largest_relative_difference(grads, reference):
     """The largest |g - g_ref| over every gradient entry, over the largest |g_ref|: the difference on the
-    gradient's own scale. (Relative to itself, a vision LayerNorm bias's gradient, a sum over every patch with
-    much cancellation, shows float32 rounding an order of magnitude larger, in both paths against float64.)"""
+    gradient's own scale. (Relative to itself, a vision LayerNorm bias's gradient, a sum over every patch
+    with much cancellation, shows float32 rounding an order of magnitude larger, in both paths against
+    float64.)"""
     largest = max(float(r.abs().max()) for r in reference)
     return max(float((g - r).abs().max()) for g, r in zip(grads, reference)) / largest
 
 
 def bench_training(hf, visual_tokens, G, completion):
     """The reference log-probs (eval mode, no grad) and the update's forward+backward (train mode, gradient
-    checkpointing on, as grpo.py runs them) of one group, per row against prefix-shared: seconds, peak memory
-    above what was allocated before (the weights and, in the update, their gradients: the activations), the
-    largest log-prob difference and the largest relative gradient difference. The prefix-shared path runs first,
-    so that memory the allocator keeps from one run can only flatter the per-row figure."""
-    device = hf.device
+    checkpointing on, as grpo.py runs them) of one group, per row against prefix-shared: seconds, peak
+    memory above what was allocated before (the weights and, in the update, their gradients: the
+    activations), the largest log-prob difference and the largest relative gradient difference. The
+    prefix-shared path runs first, so that memory the allocator keeps from one run can only flatter the
+    per-row figure."""
     policy = model_lib.Policy(hf)
     inputs = training_inputs(hf, visual_tokens, G, completion)
     L = inputs[0]["input_ids"].shape[1]
     out = {"visual_tokens": visual_tokens, "per_row_tokens": G * (L + completion),
-           "shared_tokens": L + G * (completion - 1)}       # a completion's last token is not fed (model.pack_groups)
+           # a completion's last token is not fed (model.pack_groups)
+           "shared_tokens": L + G * (completion - 1)}
     for name, update in (("reference", False), ("update", True)):
         hf.train(update).requires_grad_(update)
         if update:
             hf.activation_checkpointing_enable()
-        runs = {}
         with torch.set_grad_enabled(update):
-            for shared in (True, False):
-                training_pass(policy, training_inputs(hf, 64, 2, 4, seed=1), shared, update)   # warm-up; grads
-                hf.zero_grad(set_to_none=False)                           # stay allocated: not counted as peak
-                seconds, peak, logp = measured(lambda: training_pass(policy, inputs, shared, update), device)
-                grads = [p.grad.clone() for p in hf.parameters()] if update else None
-                runs[shared] = seconds, peak, logp, grads
-        (shared_s, shared_b, shared_logp, shared_grads), (row_s, row_b, row_logp, row_grads) = runs[True], runs[False]
-        out[name] = {"per_row_s": row_s, "shared_s": shared_s, "per_row_gb": row_b / 2**30,
-                     # below a MiB the resident-set measure (CPU) sees nothing: no ratio
-                     "shared_gb": shared_b / 2**30, "memory_ratio": row_b / shared_b if shared_b >= 2**20 else math.nan,
-                     "logp_diff": float((shared_logp - row_logp).abs().max()),
-                     "grad_diff": largest_relative_difference(shared_grads, row_grads) if update else math.nan}
+            runs = {shared: measured_pass(hf, policy, inputs, shared, update) for shared in (True, False)}
+        out[name] = pass_figures(runs[False], runs[True], update)
     hf.activation_checkpointing_disable()
     hf.zero_grad(set_to_none=True)
     hf.eval().requires_grad_(False)
     return out
 
 
-# ----------------------------------------------------------------------------- 5. start-up memory, the reference's dtype
+def measured_pass(hf, policy, inputs, shared, update):
+    """One training_pass after a warm-up on a small group: (seconds, peak bytes, log-probs, the gradients
+    when update)."""
+    training_pass(policy, training_inputs(hf, 64, 2, 4, seed=1), shared, update)   # warm-up; grads
+    hf.zero_grad(set_to_none=False)                           # stay allocated: not counted as peak
+    seconds, peak, logp = measured(lambda: training_pass(policy, inputs, shared, update), hf.device)
+    grads = [p.grad.clone() for p in hf.parameters()] if update else None
+    return seconds, peak, logp, grads
+
+
+def pass_figures(per_row, shared, update):
+    """bench_training's figures of one pass from the two measured_pass results."""
+    (row_s, row_b, row_logp, row_grads), (shared_s, shared_b, shared_logp, shared_grads) = per_row, shared
+    return {"per_row_s": row_s, "shared_s": shared_s, "per_row_gb": row_b / 2**30,
+            "shared_gb": shared_b / 2**30,
+            # below a MiB the resident-set measure (CPU) sees nothing: no ratio
+            "memory_ratio": row_b / shared_b if shared_b >= 2**20 else math.nan,
+            "logp_diff": float((shared_logp - row_logp).abs().max()),
+            "grad_diff": largest_relative_difference(shared_grads, row_grads) if update else math.nan}
+
+
+# ------------------------------------------------------------------ 5. start-up memory, the reference's dtype
 
 def load_every_rank(model_cfg, device, mesh, train):
     """The loading training.load_policy replaced: every rank reads the whole model in the held dtype, then
@@ -401,24 +429,26 @@ def load_every_rank(model_cfg, device, mesh, train):
 
 def load_worker(folder, way, out):
     """Under torchrun: load the policy and the reference at `folder` `way` ("every-rank"; "rank0" for
-    training.load_policy; "rank0-bf16" for it with model.dtype=bfloat16, the reference held in bf16 as on a
-    GPU); rank 0 writes every rank's resident high-water mark above its idle size and the
-    bytes of its shards to `out`."""
-    import json
+    training.load_policy; "rank0-bf16" for it with model.dtype=bfloat16, the reference held in bf16 as on
+    a GPU); rank 0 writes every rank's resident high-water mark above its idle size and the bytes of its
+    shards to `out`."""
     import config
     import training
     rank, world, device, mesh = training.init_distributed()
     cfg = config.ModelConfig(path=folder, gradient_checkpointing=False,
                              dtype="bfloat16" if way == "rank0-bf16" else "auto")
-    model_lib._model_class("qwen2_vl")  # transformers' model code imported: the idle process is ready to load
+    # transformers' model code imported: the idle process is ready to load
+    model_lib._model_class("qwen2_vl")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     idle = _status_kb("VmRSS")
     if way.startswith("rank0"):
-        models = [training.load_policy(cfg, device, mesh, train=train)[0] for train in (True, False)]
+        models = [training.load_policy(cfg, device, mesh, train=train)[0]
+                  for train in (True, False)]
     else:
         models = [load_every_rank(cfg, device, mesh, train) for train in (True, False)]
-    shards = sum(p.to_local().numel() * p.element_size() for m in models for p in m.parameters())
+    shards = sum(p.to_local().numel() * p.element_size()
+                 for m in models for p in m.parameters())
     peaks = training.gather([(_status_kb("VmHWM") - idle) * 1024, shards])
     if rank == 0:
         with open(out, "w") as f:
@@ -427,9 +457,6 @@ def load_worker(folder, way, out):
 
 def bench_load(ranks=(1, 2, 4)):
     """Per-rank and node-total peaks of both ways of loading, for each number of ranks (section 5)."""
-    import json
-    import subprocess
-    import sys
     import tempfile
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -440,27 +467,34 @@ def bench_load(ranks=(1, 2, 4)):
         del hf
         for n in ranks:
             for way in ("every-rank", "rank0") + (("rank0-bf16",) if n == max(ranks) else ()):
-                out = f"{folder}/peaks.json"
-                run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                      f"--nproc-per-node={n}", __file__, "--load-worker", folder, way, out],
-                                     capture_output=True, text=True)
-                if run.returncode:
-                    raise RuntimeError(f"{way} on {n} ranks failed:\n{run.stderr[-3000:]}")
-                with open(out) as f:
-                    peaks, shards = zip(*json.load(f))
+                peaks, shards = load_peaks(folder, n, way)
                 other = max(range(1, n), key=lambda r: peaks[r], default=None)
                 rows.append({"ranks": n, "way": way, "rank0": peaks[0], "rank0_shards": shards[0],
-                             "others": peaks[other] if other else 0, "others_shards": shards[other] if other else 0,
+                             "others": peaks[other] if other else 0,
+                             "others_shards": shards[other] if other else 0,
                              "total": sum(peaks), "total_shards": sum(shards), "fp32_model": size})
     return rows
 
 
+def load_peaks(folder, n, way):
+    """load_worker on `n` ranks under torchrun: (each rank's peak bytes, each rank's shard bytes)."""
+    out = f"{folder}/peaks.json"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          f"--nproc-per-node={n}", __file__, "--load-worker", folder, way, out],
+                         capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"{way} on {n} ranks failed:\n{run.stderr[-3000:]}")
+    with open(out) as f:
+        peaks, shards = zip(*json.load(f))
+    return peaks, shards
+
+
 def print_load(rows):
     size = rows[0]["fp32_model"]
-    print(f"\nStart-up host memory, CPU: policy + reference (float32) of a random Qwen2-VL of {size / 4e6:.0f}M "
-          f"parameters ({size / 2**30:.2f} GiB in float32, stored in bf16); peak resident memory above the idle "
-          "process in GiB and x the float32 model, in all and beyond the rank's own shards (which a GPU holds in "
-          "its own memory, not the host's)")
+    print(f"\nStart-up host memory, CPU: policy + reference (float32) of a random Qwen2-VL of "
+          f"{size / 4e6:.0f}M parameters ({size / 2**30:.2f} GiB in float32, stored in bf16); peak resident "
+          "memory above the idle process in GiB and x the float32 model, in all and beyond the rank's own "
+          "shards (which a GPU holds in its own memory, not the host's)")
     print(f"{'ranks':>5} {'loading':>24} {'rank 0':>13} {'beyond shards':>13} {'others (max)':>13} "
           f"{'beyond shards':>13} {'node total':>13} {'beyond shards':>13}")
     names = {"every-rank": "every rank reads (old)", "rank0": "rank 0 streams (now)",
@@ -480,7 +514,8 @@ def bench_reference_dtype(hf, visual_tokens, completion):
     `visual_tokens` and a `completion`-token answer, with the model held in bf16 and in float32."""
     device = hf.device
     policy = model_lib.Policy(hf)
-    ids = torch.randint(0, hf.config.text_config.pad_token_id, (1, completion), device=device)  # ordinary tokens
+    ordinary = hf.config.text_config.pad_token_id  # the ids below it are ordinary tokens
+    ids = torch.randint(0, ordinary, (1, completion), device=device)
     lengths = torch.tensor([completion], device=device)
     seconds = {}
     for dtype in (torch.bfloat16, torch.float32):
@@ -514,22 +549,26 @@ def print_logprobs(r, V, T, N, H, label):
 
 
 def print_training(rows, G, completion, label):
-    print(f"\nTraining passes, {label}: one video, G = {G} completions of {completion} tokens; peak memory above the "
-          f"weights and gradients; log-prob difference absolute, gradient difference over the largest gradient")
-    print(f"{'visual tokens':>13} {'pass':>9} {'tokens fed':>16} {'per-row s':>10} {'shared s':>9} {'speed-up':>9} "
-          f"{'per-row GiB':>12} {'shared GiB':>11} {'less memory':>12} {'logp diff':>10} {'grad diff':>10}")
+    print(f"\nTraining passes, {label}: one video, G = {G} completions of {completion} tokens; peak memory "
+          f"above the weights and gradients; log-prob difference absolute, gradient difference over the "
+          f"largest gradient")
+    print(f"{'visual tokens':>13} {'pass':>9} {'tokens fed':>16} {'per-row s':>10} {'shared s':>9} "
+          f"{'speed-up':>9} {'per-row GiB':>12} {'shared GiB':>11} {'less memory':>12} {'logp diff':>10} "
+          f"{'grad diff':>10}")
     for r in rows:
         for name in ("reference", "update"):
             p = r[name]
+            grad_diff = f"{p['grad_diff']:>10.1e}" if name == "update" else f"{'-':>10}"
             print(f"{r['visual_tokens']:>13} {name:>9} {r['per_row_tokens']:>7} / {r['shared_tokens']:<6} "
                   f"{p['per_row_s']:>10.2f} {p['shared_s']:>9.2f} {p['per_row_s'] / p['shared_s']:>8.2f}x "
                   f"{p['per_row_gb']:>12.3f} {p['shared_gb']:>11.3f} {p['memory_ratio']:>11.2f}x "
-                  f"{p['logp_diff']:>10.1e} " + (f"{p['grad_diff']:>10.1e}" if name == "update" else f"{'-':>10}"))
+                  f"{p['logp_diff']:>10.1e} " + grad_diff)
 
 
 def demo_learning(metrics_path):
-    """The demo's learning figures from a run's metrics.jsonl: the mean of reward (0..3) and of reward_format
-    over the first and the last quarter of the logged steps, and the rise of the reward between them."""
+    """The demo's learning figures from a run's metrics.jsonl: the mean of reward (0..3) and of
+    reward_format over the first and the last quarter of the logged steps, and the rise of the reward
+    between them."""
     with open(metrics_path) as f:
         lines = [json.loads(line) for line in f if line.strip()]
     k = max(1, len(lines) // 4)
@@ -538,7 +577,8 @@ def demo_learning(metrics_path):
         return sum(m[key] for m in part) / len(part)
     first, last = mean("reward", lines[:k]), mean("reward", lines[-k:])
     return {"steps": len(lines), "reward_first": first, "reward_last": last, "rise": last - first,
-            "format_first": mean("reward_format", lines[:k]), "format_last": mean("reward_format", lines[-k:])}
+            "format_first": mean("reward_format", lines[:k]),
+            "format_last": mean("reward_format", lines[-k:])}
 
 
 def bench_demo(seeds=(0, 1, 2), root="runs/bench-demo"):
@@ -548,8 +588,9 @@ def bench_demo(seeds=(0, 1, 2), root="runs/bench-demo"):
         out = os.path.join(root, f"seed{seed}")
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "grpo.py", "demo.yaml", f"seed={seed}", f"train.out_dir={out}",
-                               f"sft.out_dir={out}/sft", f"model.path={out}/tiny"], capture_output=True, text=True)
+        command = [sys.executable, "grpo.py", "demo.yaml", f"seed={seed}", f"train.out_dir={out}",
+                   f"sft.out_dir={out}/sft", f"model.path={out}/tiny"]
+        proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"the demo failed on seed {seed}:\n{proc.stderr[-3000:]}")
         rows.append({"seed": seed, "seconds": time.perf_counter() - start,
@@ -558,23 +599,40 @@ def bench_demo(seeds=(0, 1, 2), root="runs/bench-demo"):
 
 
 def print_demo(rows):
-    print("\nThe demo, `python grpo.py demo.yaml seed=S` from nothing (build, warm start, GRPO); reward 0..3, "
-          "means over the first and last quarter of the GRPO steps")
-    print(f"{'seed':>4} {'wall s':>7} {'reward first':>13} {'reward last':>12} {'rise':>6} {'format first':>13} "
-          f"{'format last':>12}  targets: rise >= 0.3, format > 0.5, under 180 s")
+    print("\nThe demo, `python grpo.py demo.yaml seed=S` from nothing (build, warm start, GRPO); "
+          "reward 0..3, means over the first and last quarter of the GRPO steps")
+    print(f"{'seed':>4} {'wall s':>7} {'reward first':>13} {'reward last':>12} {'rise':>6} "
+          f"{'format first':>13} {'format last':>12}  targets: rise >= 0.3, format > 0.5, under 180 s")
     for r in rows:
         ok = r["rise"] >= 0.3 and r["format_last"] > 0.5 and r["seconds"] < 180
         print(f"{r['seed']:>4} {r['seconds']:>7.0f} {r['reward_first']:>13.3f} {r['reward_last']:>12.3f} "
-              f"{r['rise']:>6.3f} {r['format_first']:>13.2f} {r['format_last']:>12.2f}  {'met' if ok else 'MISSED'}")
+              f"{r['rise']:>6.3f} {r['format_first']:>13.2f} {r['format_last']:>12.2f}  "
+              f"{'met' if ok else 'MISSED'}")
+
+
+class Sizes(NamedTuple):
+    """The sizes of a run of the CPU and GPU sections."""
+    shape: str          # SHAPES name of the CPU model
+    visual: tuple       # visual tokens of the prompts, in the rollout and the training passes
+    new_tokens: int     # rollout tokens per row
+    logprobs: tuple     # (V, T, N, H) of the log-prob section
+    answer: int         # completion tokens in the training passes
+    G: int = 8          # completions per prompt
+
+
+QUICK = Sizes("quick", (64, 256), 16, (16384, 1024, 8, 64), 16)
+FULL = Sizes("cpu", (1024, 4096), 128, (151936, 2048, 8, 512), 256)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes (the test's run)")
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU sections even when CUDA is there")
-    ap.add_argument("--load", action="store_true", help="section 5 alone: start-up host memory under torchrun")
+    ap.add_argument("--load", action="store_true",
+                    help="section 5 alone: start-up host memory under torchrun")
     ap.add_argument("--load-worker", nargs=3, help=argparse.SUPPRESS)  # FOLDER WAY OUT, one rank of --load
-    ap.add_argument("--demo", action="store_true", help="section 6 alone: the demo's learning on seeds 0, 1, 2")
+    ap.add_argument("--demo", action="store_true",
+                    help="section 6 alone: the demo's learning on seeds 0, 1, 2")
     args = ap.parse_args(argv)
     if args.demo:
         return print_demo(bench_demo())
@@ -583,51 +641,62 @@ def main(argv=None):
     if args.load:
         return print_load(bench_load())
     torch.manual_seed(0)
-    cpu = torch.device("cpu")
-    G = 8
-    if args.quick:
-        shape, visual, new_tokens, (V, T, N, H), answer = "quick", (64, 256), 16, (16384, 1024, 8, 64), 16
-    else:
-        shape, visual, new_tokens, (V, T, N, H), answer = "cpu", (1024, 4096), 128, (151936, 2048, 8, 512), 256
+    sizes = QUICK if args.quick else FULL
     print(f"bench.py on {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
-    runs = [(shape, visual)] + ([] if args.quick else [("cpu-qwen-vocab", visual[-1:])])
-    for name, sizes in runs:
-        s = SHAPES[name]
-        hf = random_model(name, torch.float32, cpu)
-        rows = [bench_rollout(hf, n, G, new_tokens) for n in sizes]
-        print_rollout(rows, G, new_tokens, f"CPU, random Qwen2-VL of hidden {s['hidden']}, {s['layers']} layers, "
-                      f"vocabulary {s['vocab']}, float32")
-    print_logprobs(bench_logprobs(V, T, N, H, cpu), V, T, N, H, "CPU, float32")
-    # init std 0.02, the checkpoints' scale: at the rollout's 0.2 the logits lie tens apart and float32 rounding
-    # alone moves the gradients by 3e-4 relative (the per-row pass with eager against sdpa attention)
-    hf = random_model(shape, torch.float32, cpu, std=0.02)
-    s = SHAPES[shape]
-    print_training([bench_training(hf, n, G, answer) for n in visual], G, answer,
-                   f"CPU, random Qwen2-VL of hidden {s['hidden']}, {s['layers']} layers, float32")
+    cpu_sections(sizes, args.quick)
     if args.no_gpu or not torch.cuda.is_available():
         print("\nGPU sections skipped: " + ("--no-gpu" if args.no_gpu else "no CUDA device"))
         return
+    gpu_sections(sizes, args.quick)
+
+
+def cpu_sections(sizes, quick):
+    """Sections 1, 2 and 4 on the CPU, in float32."""
+    cpu = torch.device("cpu")
+    G, visual, new_tokens, (V, T, N, H) = sizes.G, sizes.visual, sizes.new_tokens, sizes.logprobs
+    runs = [(sizes.shape, visual)] + ([] if quick else [("cpu-qwen-vocab", visual[-1:])])
+    for name, visual_tokens in runs:
+        s = SHAPES[name]
+        hf = random_model(name, torch.float32, cpu)
+        rows = [bench_rollout(hf, n, G, new_tokens) for n in visual_tokens]
+        print_rollout(rows, G, new_tokens, f"CPU, random Qwen2-VL of hidden {s['hidden']}, "
+                      f"{s['layers']} layers, vocabulary {s['vocab']}, float32")
+    print_logprobs(bench_logprobs(V, T, N, H, cpu), V, T, N, H, "CPU, float32")
+    # init std 0.02, the checkpoints' scale: at the rollout's 0.2 the logits lie tens apart and float32
+    # rounding alone moves the gradients measurably (docs/benchmarks.md: the per-row pass with eager
+    # against sdpa attention)
+    hf = random_model(sizes.shape, torch.float32, cpu, std=0.02)
+    s = SHAPES[sizes.shape]
+    print_training([bench_training(hf, n, G, sizes.answer) for n in visual], G, sizes.answer,
+                   f"CPU, random Qwen2-VL of hidden {s['hidden']}, {s['layers']} layers, float32")
+
+
+def gpu_sections(sizes, quick):
+    """Sections 2 and 1 on the GPU, then 3, the reference's dtype (5) and 4, on the 7B shape in bf16
+    (the quick shape with --quick)."""
     gpu = torch.device("cuda")
+    G, visual, new_tokens, (V, T, N, _) = sizes.G, sizes.visual, sizes.new_tokens, sizes.logprobs
     torch.backends.cuda.matmul.allow_tf32 = False  # the log-prob comparison is in true float32
     print(f"\nGPU: {torch.cuda.get_device_name()}")
     print_logprobs(bench_logprobs(V, T, N, 3584, gpu), V, T, N, 3584, "GPU, float32, H of the 7B")
-    gpu_shape = "quick" if args.quick else "7b"
+    gpu_shape = "quick" if quick else "7b"
     hf = random_model(gpu_shape, torch.bfloat16, gpu)
     rows = [bench_rollout(hf, n, G, new_tokens) for n in visual]
     print_rollout(rows, G, new_tokens, f"GPU, random Qwen2-VL of the {gpu_shape} shape, bf16")
     d = bench_decode(hf, visual[-1], G, new_tokens, card(BANDWIDTH))
     print(f"\nDecode, G = {G} after {d['visual_tokens']} visual tokens: prefill {d['prefill_s']:.2f} s, "
           f"{d['step_ms']:.1f} ms/step, {d['tok_s']:.0f} tokens/s, {d['bandwidth_share']:.0%} of the "
-          f"memory-bandwidth bound (weights + KV cache per step / {card(BANDWIDTH) or float('nan'):.3g} B/s)")
-    completion = 32 if args.quick else 512                  # with the video, about 4K tokens in all
+          f"memory-bandwidth bound (weights + KV cache per step / "
+          f"{card(BANDWIDTH) or float('nan'):.3g} B/s)")
+    completion = 32 if quick else 512                  # with the video, about 4K tokens in all
     m = bench_mfu(hf, visual[-1] - completion, completion, card(BF16_PEAK))
     print(f"Training, policy forward+backward with gradient checkpointing, {m['tokens']} tokens: "
           f"{m['seconds']:.2f} s, {m['tflops']:.0f} TFLOP/s, MFU {m['mfu']:.0%} of "
           f"{card(BF16_PEAK) or float('nan'):.3g} FLOP/s")
     r = bench_reference_dtype(hf, visual[-1] - completion, completion)
-    print(f"Reference log-probs, no grad, {visual[-1]} tokens: held in bf16 {r['bf16_s']:.3f} s, in float32 "
-          f"{r['fp32_s']:.3f} s ({r['speedup']:.1f}x)")
-    print_training([bench_training(hf, n, G, answer) for n in visual], G, answer,
+    print(f"Reference log-probs, no grad, {visual[-1]} tokens: held in bf16 {r['bf16_s']:.3f} s, "
+          f"in float32 {r['fp32_s']:.3f} s ({r['speedup']:.1f}x)")
+    print_training([bench_training(hf, n, G, sizes.answer) for n in visual], G, sizes.answer,
                    f"GPU, random Qwen2-VL of the {gpu_shape} shape, bf16")
 
 

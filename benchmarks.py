@@ -36,7 +36,8 @@ VDC_PROMPTS = {  # our wording of each VDC section's caption request (lmms-eval 
     "short": "Write a one-sentence summary of the video.",
     "camera": "Describe the camera work in the video: the shot types, the camera movements and the "
               "changes of shooting angle.",
-    "background": "Describe the background of the video: the objects, the location, the weather and the time.",
+    "background": "Describe the background of the video: the objects, the location, the weather and "
+                  "the time.",
     "main_object": "Describe the main subject of the video: its attributes, its actions, its position and "
                    "how it moves during the video.",
 }
@@ -59,7 +60,8 @@ class Item:
     events: list | None = None   # reference events; None: extracted from `reference` by the judge
     objects: list | None = None  # reference objects (CaReBench); None: extracted likewise
     qa: list = field(default_factory=list)  # VDC: [{"question", "answer"}]
-    subjects: list | None = None  # ground-truth subjects for Tscore (not in the official files; ours have them)
+    subjects: list | None = None  # ground-truth subjects for Tscore (rewards.think_score; not in the
+                                  # official files, ours have them)
     where: str = ""              # FILE:LINE (or FILE:index) of its annotation
     source: dict | None = field(default=None, repr=False)  # its annotation record, for --export
 
@@ -151,11 +153,10 @@ def load_dream1k(path, video_dir, sections=()):
     with open(path) as f:
         array = f.read(1024).lstrip().startswith("[")
     if array:  # HF: idx, video_file, source, description, events, ...
-        return [Item(Path(_get(r, "video_file", w)).stem, os.path.join(video_dir, _get(r, "video_file", w)),
-                     _get(r, "source", w).removeprefix("DREAM/"), DETAILED, reference=_get(r, "description", w),
-                     events=_statements(r, "events", w), where=w, source=r) for w, r in _read_array(path)]
+        return [_dream1k_hf_item(r, w, video_dir) for w, r in _read_array(path)]
     items = []
-    for w, r in _read_jsonl(path):  # tarsier: vid (an integer there), dataset "DREAM/<subset>", messages, extra_info
+    # tarsier: vid (an integer there), dataset "DREAM/<subset>", messages, extra_info
+    for w, r in _read_jsonl(path):
         vid, dataset = _id(r, "vid", w), _get(r, "dataset", w)
         if not dataset.startswith("DREAM/"):
             raise EvalError(f"{w}: 'dataset' must look like DREAM/<subset>, got {dataset!r:.80}")
@@ -166,12 +167,26 @@ def load_dream1k(path, video_dir, sections=()):
     return items
 
 
+def _dream1k_hf_item(r, w, video_dir):
+    """The Item of one record `r` (at `w`) of DREAM-1K's HF metadata.json."""
+    video = _get(r, "video_file", w)
+    return Item(Path(video).stem, os.path.join(video_dir, video), _get(r, "source", w).removeprefix("DREAM/"),
+                DETAILED, reference=_get(r, "description", w), events=_statements(r, "events", w), where=w,
+                source=r)
+
+
 def load_carebench(path, video_dir, sections=()):
     """CaReBench's json/metadata.json: video, caption, [events], [objects], ...; item k is record k (the
     index CaReBench's description.json is keyed by)."""
-    return [Item(Path(_get(r, "video", w)).stem, os.path.join(video_dir, _get(r, "video", w)), "overall", DETAILED,
-                 reference=_get(r, "caption", w), events=_statements(r, "events", w),
-                 objects=_statements(r, "objects", w), where=w, source=r) for w, r in _read_array(path)]
+    return [_carebench_item(r, w, video_dir) for w, r in _read_array(path)]
+
+
+def _carebench_item(r, w, video_dir):
+    """The Item of one record `r` (at `w`) of CaReBench's metadata.json."""
+    video = _get(r, "video", w)
+    return Item(Path(video).stem, os.path.join(video_dir, video), "overall", DETAILED,
+                reference=_get(r, "caption", w), events=_statements(r, "events", w),
+                objects=_statements(r, "objects", w), where=w, source=r)
 
 
 def _vdc_video(video_dir, name):
@@ -186,7 +201,8 @@ def load_vdc(folder, video_dir, sections):
     if unknown := [s for s in sections if s not in VDC_PROMPTS]:
         raise EvalError(f"eval.vdc_sections: unknown {unknown}; valid: {list(VDC_PROMPTS)}")
     names, folder = {}, os.path.normpath(folder)
-    for index in (os.path.join(folder, "VDC_1k.jsonl"), os.path.join(os.path.dirname(folder), "VDC_1k.jsonl")):
+    for index in (os.path.join(folder, "VDC_1k.jsonl"),
+                  os.path.join(os.path.dirname(folder), "VDC_1k.jsonl")):
         if os.path.isfile(index):
             names = {_id(r, "video_id", w): _get(r, "video_name", w, default=None) or _id(r, "video_id", w)
                      for w, r in _read_jsonl(index)}
@@ -206,8 +222,9 @@ def load_vdc(folder, video_dir, sections):
                 pairs = [{"question": _get(q, "question", f"{w} ({vid} QA {k})"),
                           "answer": str(_get(q, "answer", f"{w} ({vid} QA {k})", (str, int, float)))}
                          for k, q in enumerate(qa)]
-                items.append(Item(vid, _vdc_video(video_dir, names.get(vid, vid)), section, VDC_PROMPTS[section],
-                                  section=section, qa=pairs, where=w))
+                video = _vdc_video(video_dir, names.get(vid, vid))
+                items.append(Item(vid, video, section, VDC_PROMPTS[section], section=section, qa=pairs,
+                                  where=w))
     return items
 
 
@@ -215,7 +232,8 @@ LOADERS = {"dream1k": load_dream1k, "vdc": load_vdc, "carebench": load_carebench
 
 
 def load_items(cfg):
-    """All the benchmark's items, in annotation order; a video (or VDC video and section) twice is an error."""
+    """All the benchmark's items, in annotation order; a video (or VDC video and section) twice is an
+    error."""
     e = cfg.eval
     if e.benchmark not in LOADERS:
         raise EvalError(f"eval.benchmark={e.benchmark!r}: expected one of {list(LOADERS)}")
@@ -318,7 +336,9 @@ def _from_carebench(path, items):
     return records
 
 
-EXPORTS = {"tarsier": ("dream1k", "tarsier_predictions.jsonl"), "carebench": ("carebench", "description.json")}
+# --export FORMAT (evaluate.py): FORMAT -> (the benchmark it is for, the file it writes)
+EXPORTS = {"tarsier": ("dream1k", "tarsier_predictions.jsonl"),
+           "carebench": ("carebench", "description.json")}
 
 
 def tarsier_record(it, index, answer):
@@ -334,5 +354,5 @@ def tarsier_record(it, index, answer):
     return {"messages": [{"role": "user", "content": [{"type": "video", "video": {"video_file": it.video}},
                                                       {"type": "text", "text": it.prompt}]},
                          {"role": "assistant", "content": [reply]}],
-            "dataset": f"DREAM/{it.group}", "task": "video/caption", "idx": src.get("idx", index), "vid": it.id,
-            "extra_info": {"events": it.events, **extra}}
+            "dataset": f"DREAM/{it.group}", "task": "video/caption", "idx": src.get("idx", index),
+            "vid": it.id, "extra_info": {"events": it.events, **extra}}

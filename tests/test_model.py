@@ -324,6 +324,29 @@ def test_sync_keeps_a_finished_rank_stepping(frozen):
     assert torch.equal(synced.ids, alone.ids) and torch.equal(synced.lengths, alone.lengths)
 
 
+def test_tokens_ids_come_from_the_tokenizer_and_decode_cuts_rows_at_their_length(tiny_tokenizer):
+    tok = tiny_tokenizer
+    tokens = M.Tokens.of(tok)
+    im_end, endoftext = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert tokens.eos_ids == (im_end, endoftext) and tokens.pad_id == tok.pad_token_id == endoftext
+    hello, world = tok("hello")["input_ids"], tok("world!")["input_ids"]
+    T = 12
+    rows = [hello + [im_end] + tok("junk")["input_ids"], world]                  # junk after the end token
+    ids = torch.tensor([r + [tokens.pad_id] * (T - len(r)) for r in rows])
+    rollout = M.Rollout(ids, torch.tensor([len(hello) + 1, 3]), torch.tensor([True, False]))
+    assert tokens.decode(rollout) == ["hello", "wor"]                 # byte-level: 3 tokens, 3 letters
+    assert tokens.decode(M.Rollout(ids[:, :0], torch.zeros(2, dtype=torch.long), rollout.ended)) == ["", ""]
+
+
+def test_tokens_pad_falls_back_to_endoftext():
+    class NoPad:  # a tokenizer without a padding token
+        pad_token_id = None
+
+        def convert_tokens_to_ids(self, token):
+            return {"<|im_end|>": 7, "<|endoftext|>": 5}[token]
+    assert M.Tokens.of(NoPad()).eos_ids == (7, 5) and M.Tokens.of(NoPad()).pad_id == 5
+
+
 # ----------------------------------------------------------------------------- log-probs
 
 def plain_logp(hf, batch, ids, lengths, temperature, kind):
