@@ -627,24 +627,6 @@ class Policy(nn.Module):
 # ----------------------------------------------------------------------------- group rollout
 
 
-@dataclass(frozen=True)
-class Tokens:
-    """What generation and decoding need from a tokenizer: its end tokens, its padding id."""
-    tokenizer: object
-    eos_ids: tuple
-    pad_id: int
-
-    @classmethod
-    def of(cls, tokenizer):
-        eos_ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[1]
-        return cls(tokenizer, eos_ids, pad_id)
-
-    def decode(self, roll):
-        """A Rollout's completions as text, each cut at its length, special tokens left out."""
-        return self.tokenizer.batch_decode([ids[:n] for ids, n in zip(roll.ids.tolist(), roll.lengths.tolist())],
-                                           skip_special_tokens=True)
-
 @dataclass
 class Rollout:
     ids: torch.Tensor       # (N, T) completion token ids, row b*G+g from prompt b, pad_id after each
