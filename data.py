@@ -1,5 +1,5 @@
-"""Training data: the JSONL of videos and ground truth, video reading, Qwen-VL model inputs, batching,
-and the two steps that make and vet such a JSONL before a run.
+"""Training data: the JSONL of videos and ground truth, video reading, Qwen-VL model inputs, batching
+and the training stream.
 
     records = load_records("data/train.jsonl")
     prompt = encode(records[0].video, instruction, tokenizer, cfg.data, "qwen2_vl")
@@ -7,8 +7,8 @@ and the two steps that make and vet such a JSONL before a run.
     rows = repeat_batch(batch, G)                    # row b*G+g is prompt b, with prompt b's pixels
     stream = PromptStream(records, encode_fn, rank, world, seed, per_rank, shuffle, max_bad_fraction)
 
-    python data.py prepare IN.jsonl OUT.jsonl config.yaml [key=value ...]   # add subjects and events
-    python data.py check DATA.jsonl config.yaml [key=value ...]             # will every record train?
+Making and vetting such a JSONL before a run (subjects and events from the captions, will every record
+train?) is prepare.py's: python prepare.py --help.
 
 Shapes: L prompt tokens, P patches of one video (t*h*w), B prompts. A video of T frames resized to
 H x W gives a grid t = T/2, h = H/14, w = W/14: P = t*h*w patches of 3*2*14*14 = 1176 values, and
@@ -31,32 +31,17 @@ and which is not installable on every machine:
 Beyond it: unreadable videos are skipped, counted and capped by `data.max_bad_fraction`, and the
 prompt stream is sliced per rank, resumable exactly, and resumable on another number of ranks (its
 position is global).
-
-The paper annotated its 1.5K videos and did not publish them. `prepare` derives the missing `subjects`
-and `events` of each record from its caption with one judge task ("subjects", replaceable by a file in
-judge.prompts.subjects), validated strictly; `check` encodes every record as training will and fails
-(exit 1) on any unreadable video, any prompt over data.max_prompt_tokens, and missing subjects while
-reward.think_weight is on. The lexical judge's "subjects" answer is a word-list stand-in, not an LLM.
 """
-import dataclasses
 import difflib
-import itertools
 import json
 import math
 import os
-import statistics
 import sys
-import tempfile
-import time
-from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-import config as config_lib
 import rewards
 
 # OpenAI CLIP statistics, the Qwen-VL processors' image_mean / image_std (transformers.image_utils)
@@ -92,7 +77,8 @@ FIELDS = ("id", "video", "caption", "subjects", "events")
 SUBJECT_FIELDS = ("name", "attributes", "actions")
 
 
-def _unknown(keys, valid, where):
+def refuse_unknown(keys, valid, where):
+    """DataError at `where` for the first of `keys` not in `valid`, with the closest valid one."""
     for key in keys:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
@@ -106,26 +92,28 @@ def _text(value, what, where):
     return value
 
 
-def _texts(value, what, where):
+def valid_texts(value, what, where):
+    """`value` if it is a list of non-empty strings, else DataError at `where` naming `what`."""
     if not isinstance(value, list):
         raise DataError(f"{where}: {what} must be a list of strings, got {value!r}")
     return [_text(v, f"{what}[{i}]", where) for i, v in enumerate(value)]
 
 
-def _subjects(value, where):
+def valid_subjects(value, where):
+    """`value` as a list of {name, attributes, actions}, exactly that schema, else DataError at `where`."""
     if not isinstance(value, list):
         raise DataError(f"{where}: 'subjects' must be a list of {{name, attributes, actions}}, got {value!r}")
     out = []
     for i, s in enumerate(value):
         if not isinstance(s, dict):
             raise DataError(f"{where}: subjects[{i}] must be an object, got {s!r}")
-        _unknown(s, SUBJECT_FIELDS, f"{where}: subjects[{i}]")
+        refuse_unknown(s, SUBJECT_FIELDS, f"{where}: subjects[{i}]")
         missing = [k for k in SUBJECT_FIELDS if k not in s]
         if missing:
             raise DataError(f"{where}: subjects[{i}] lacks {', '.join(missing)}")
         out.append({"name": _text(s["name"], f"subjects[{i}].name", where),
-                    "attributes": _texts(s["attributes"], f"subjects[{i}].attributes", where),
-                    "actions": _texts(s["actions"], f"subjects[{i}].actions", where)})
+                    "attributes": valid_texts(s["attributes"], f"subjects[{i}].attributes", where),
+                    "actions": valid_texts(s["actions"], f"subjects[{i}].actions", where)})
     return out
 
 
@@ -150,7 +138,7 @@ def load_records(path, require=None) -> list[Record]:
                 raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            _unknown(obj, FIELDS, where)
+            refuse_unknown(obj, FIELDS, where)
             for key in ("video", "caption"):
                 if key not in obj:
                     raise DataError(f"{where}: missing required field '{key}'")
@@ -161,14 +149,15 @@ def load_records(path, require=None) -> list[Record]:
             subjects, events = obj.get("subjects"), obj.get("events")
             for key, setting in (require or {}).items():
                 if obj.get(key) is None:
-                    raise DataError(f"{where}: no '{key}' (absent or null), which {setting} needs: run python "
-                                    f"data.py prepare to derive it from the caption, or turn that setting off")
+                    raise DataError(f"{where}: no '{key}' (absent or null), which {setting} needs: run "
+                                    f"python prepare.py to derive it from the caption, or turn that setting "
+                                    f"off")
             records.append(Record(
                 id=rid,
                 video=os.path.normpath(os.path.join(root, _text(obj["video"], "'video'", where))),
                 caption=_text(obj["caption"], "'caption'", where),
-                subjects=None if subjects is None else _subjects(subjects, where),
-                events=None if events is None else _texts(events, "'events'", where)))
+                subjects=None if subjects is None else valid_subjects(subjects, where),
+                events=None if events is None else valid_texts(events, "'events'", where)))
     if not records:
         raise DataError(f"{path}: no records")
     return records
@@ -214,20 +203,22 @@ def frame_count(total_frames, video_fps, cfg) -> int:
 
 
 def frame_size(height, width, n_frames, cfg, factor=28) -> tuple[int, int]:
-    """The size that each of n_frames sampled frames of height x width is resized to, as qwen-vl-utils' fetch_video
-    (0.0.9 to 0.0.14) chooses it, cfg.max_pixels being the caller's max_pixels: smart_resize within [min_pixels,
-    min(max_pixels, cap)], where the cap is the smaller of video_max_pixels (VIDEO_MAX_PIXELS) and an even share
-    of the clip's budget, total_pixels / n_frames * 2, but at least int(1.05 * min_pixels)."""
-    cap = max(min(cfg.video_max_pixels, cfg.total_pixels / n_frames * FRAME_FACTOR), int(cfg.min_pixels * 1.05))
+    """The size that each of n_frames sampled frames of height x width is resized to, as qwen-vl-utils'
+    fetch_video (0.0.9 to 0.0.14) chooses it, cfg.max_pixels being the caller's max_pixels: smart_resize
+    within [min_pixels, min(max_pixels, cap)], where the cap is the smaller of video_max_pixels
+    (VIDEO_MAX_PIXELS) and an even share of the clip's budget, total_pixels / n_frames * 2, but at least
+    int(1.05 * min_pixels)."""
+    cap = max(min(cfg.video_max_pixels, cfg.total_pixels / n_frames * FRAME_FACTOR),
+              int(cfg.min_pixels * 1.05))
     return smart_resize(height, width, factor, cfg.min_pixels, min(cfg.max_pixels, cap))
 
 
 def resize_frames(frames, height, width) -> torch.Tensor:
-    """uint8 frames (T, 3, H0, W0) -> uint8 (T, 3, height, width), as qwen-vl-utils resizes a video: torchvision's
-    resize (BICUBIC, antialias=True) on the uint8 tensor, which (transforms/_functional_tensor.py, resize) converts
-    to float32, interpolates (bicubic, antialias, align_corners=False), clamps to 0..255 and rounds half to even,
-    and returns frames already at the size untouched. One frame in float32 at a time: a 16-frame 4K clip at once
-    would take 1.6 GB."""
+    """uint8 frames (T, 3, H0, W0) -> uint8 (T, 3, height, width), as qwen-vl-utils resizes a video:
+    torchvision's resize (BICUBIC, antialias=True) on the uint8 tensor, which
+    (transforms/_functional_tensor.py, resize) converts to float32, interpolates (bicubic, antialias,
+    align_corners=False), clamps to 0..255 and rounds half to even, and returns frames already at the size
+    untouched. One frame in float32 at a time: a 16-frame 4K clip at once would take 1.6 GB."""
     if frames.shape[-2:] == (height, width):
         return frames
     out = torch.empty(*frames.shape[:2], height, width, dtype=torch.uint8, device=frames.device)
@@ -239,10 +230,10 @@ def resize_frames(frames, height, width) -> torch.Tensor:
 
 
 def read_video(path, cfg, factor=28) -> tuple[torch.Tensor, float]:
-    """Decode a clip with decord, sample frame_count(...) frames evenly (frame indices linspace(0, total - 1, T)
-    rounded, as qwen-vl-utils picks them) and resize them to frame_size(...) with resize_frames.
-    Returns frames uint8 (T, 3, H, W) with H, W multiples of `factor` (patch_size * merge_size), and the
-    sampled fps T / duration. Any problem with the file raises VideoError("PATH: cause")."""
+    """Decode a clip with decord, sample frame_count(...) frames evenly (frame indices linspace(0, total - 1,
+    T) rounded, as qwen-vl-utils picks them) and resize them to frame_size(...) with resize_frames. Returns
+    frames uint8 (T, 3, H, W) with H, W multiples of `factor` (patch_size * merge_size), and the sampled fps T
+    / duration. Any problem with the file raises VideoError("PATH: cause")."""
     import decord
     if not os.path.isfile(path):
         raise VideoError(f"{path}: no such file")
@@ -287,7 +278,8 @@ def video_to_patches(frames, patch_size=14, temporal_patch_size=2, merge_size=2)
     mean = torch.tensor(CLIP_MEAN) * 255.0
     std = torch.tensor(CLIP_STD) * 255.0
     x = (frames.float() - mean[:, None, None]) / std[:, None, None]    # (T', C, H, W) float32
-    t, h, w, m, p = frames.shape[0] // temporal_patch_size, H // patch_size, W // patch_size, merge_size, patch_size
+    t, h, w = frames.shape[0] // temporal_patch_size, H // patch_size, W // patch_size
+    m, p = merge_size, patch_size
     x = x.reshape(t, temporal_patch_size, C, h // m, m, p, w // m, m, p)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)            # (t, h/m, w/m, m, m, C, tp, p, p)
     return x.reshape(t * h * w, C * temporal_patch_size * p * p), torch.tensor([t, h, w])
@@ -296,13 +288,14 @@ def video_to_patches(frames, patch_size=14, temporal_patch_size=2, merge_size=2)
 def _token_id(tokenizer, token):
     tid = tokenizer.convert_tokens_to_ids(token)
     if tid is None or tid == tokenizer.unk_token_id:
-        raise ValueError(f"the tokenizer has no {token} token: load the tokenizer of a Qwen2-VL / Qwen2.5-VL model")
+        raise ValueError(f"the tokenizer has no {token} token: load the tokenizer of a Qwen2-VL / "
+                         "Qwen2.5-VL model")
     return tid
 
 
 def vision_layout(vision_cfg) -> tuple[int, int, int]:
-    """(patch_size, temporal_patch_size, spatial_merge_size) of a model's vision config; Qwen's (14, 2, 2), that of
-    both 7B checkpoints, for None."""
+    """(patch_size, temporal_patch_size, spatial_merge_size) of a model's vision config; Qwen's (14, 2, 2),
+    that of both 7B checkpoints, for None."""
     if vision_cfg is None:
         return 14, 2, 2
     return vision_cfg.patch_size, vision_cfg.temporal_patch_size, vision_cfg.spatial_merge_size
@@ -325,11 +318,12 @@ def encode(video_path, instruction, tokenizer, cfg, model_type, vision_cfg=None)
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": instruction}]}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    pad, start, end = (_token_id(tokenizer, t) for t in ("<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
+    pad, start, end = (_token_id(tokenizer, t)
+                       for t in ("<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
     where = [i for i, tid in enumerate(ids) if tid == pad]
     if len(where) != 1 or ids[where[0] - 1:where[0] + 2] != [start, pad, end]:
-        raise ValueError("the chat template must render one <|vision_start|><|video_pad|><|vision_end|> for the "
-                         f"video and the instruction none of these tokens; got {text!r}")
+        raise ValueError("the chat template must render one <|vision_start|><|video_pad|><|vision_end|> for "
+                         f"the video and the instruction none of these tokens; got {text!r}")
     i, n_tokens = where[0], int(grid.prod()) // merge ** 2
     input_ids = torch.tensor(ids[:i] + [pad] * n_tokens + ids[i + 1:])   # (L,)
     if len(input_ids) > cfg.max_prompt_tokens:
@@ -392,17 +386,18 @@ class PromptStream:
 
     Epoch e takes the records in the order of a permutation from a generator seeded by (seed, e) (identity
     without shuffle). A step takes the next block of world * per_rank items of that order, rank r its r-th
-    per_rank; the epoch ends when the next block no longer fits (the records left over wait for a later epoch's
-    order). So the ranks' items are disjoint, every rank runs the same number of steps per epoch, and the
-    position is global: `consumed`, the items of the epoch's order all ranks took together, which carries over
-    to another number of ranks (regroup). A record whose video raises VideoError is skipped, counted and warned
-    about once per file; this rank's item of the next block (wrapping around the order) takes its place, so a
-    step always has per_rank prompts. Once at least min(20, len(records)) videos were tried, a share of
-    failures above max_bad_fraction stops the run with DataError."""
+    per_rank; the epoch ends when the next block no longer fits (the records left over wait for a later
+    epoch's order). So the ranks' items are disjoint, every rank runs the same number of steps per epoch, and
+    the position is global: `consumed`, the items of the epoch's order all ranks took together, which carries
+    over to another number of ranks (regroup). A record whose video raises VideoError is skipped, counted and
+    warned about once per file; this rank's item of the next block (wrapping around the order) takes its
+    place, so a step always has per_rank prompts. Once at least min(20, len(records)) videos were tried, a
+    share of failures above max_bad_fraction stops the run with DataError."""
 
     def __init__(self, records, encode_fn, rank, world, seed, per_rank, shuffle, max_bad_fraction):
         if not 0 <= rank < world or per_rank < 1:
-            raise ValueError(f"rank {rank} of world {world} with {per_rank} prompts per rank is not a valid layout")
+            raise ValueError(f"rank {rank} of world {world} with {per_rank} prompts per rank is not a valid "
+                             "layout")
         self.records, self.encode_fn = records, encode_fn
         self.rank, self.world, self.seed, self.per_rank = rank, world, seed, per_rank
         self.shuffle, self.max_bad_fraction = shuffle, max_bad_fraction
@@ -442,9 +437,9 @@ class PromptStream:
                 print(f"[rank {self.rank}] skipping video ({self.bad} of {self.seen} failed so far): {e}",
                       file=sys.stderr, flush=True)
             if self.seen >= min(20, len(self.records)) and self.bad / self.seen > self.max_bad_fraction:
-                raise DataError(f"{self.bad} of {self.seen} videos tried on rank {self.rank} could not be read, "
-                                f"more than data.max_bad_fraction={self.max_bad_fraction}; the last: {e}. "
-                                "Fix or remove the files named in the warnings above") from None
+                raise DataError(f"{self.bad} of {self.seen} videos tried on rank {self.rank} could not be "
+                                f"read, more than data.max_bad_fraction={self.max_bad_fraction}; the "
+                                f"last: {e}. Fix or remove the files named in the warnings above") from None
             return None
 
     def next(self) -> list[tuple[Record, dict]]:
@@ -457,15 +452,16 @@ class PromptStream:
         first = self.consumed + self.rank * self.per_rank
         out = []
         for slot in range(first, first + self.per_rank):
-            for k in range(n // math.gcd(n, block)):   # this slot's item, else this rank's in the blocks after it
+            # this slot's item, else this rank's in the blocks after it
+            for k in range(n // math.gcd(n, block)):
                 index = order[(slot + k * block) % n]
                 prompt = self._try(index)
                 if prompt is not None:
                     out.append((self.records[index], prompt))
                     break
             else:
-                raise DataError(f"no video of rank {self.rank}'s items in epoch {self.epoch} can be read; see the "
-                                "warnings above")
+                raise DataError(f"no video of rank {self.rank}'s items in epoch {self.epoch} can be "
+                                "read; see the warnings above")
         self.consumed += block
         return out
 
@@ -477,9 +473,9 @@ class PromptStream:
     def load_state_dict(self, state):
         layout = [len(self.records), self.seed, self.shuffle]
         if state["layout"] != layout:
-            raise DataError(f"the saved data position is for (records, seed, shuffle) = {state['layout']}, this "
-                            f"run has {layout}; resume with the same data and settings or start a new run "
-                            "(train.resume=never)")
+            raise DataError(f"the saved data position is for (records, seed, shuffle) = {state['layout']}, "
+                            f"this run has {layout}; resume with the same data and settings or start a new "
+                            "run (train.resume=never)")
         self.epoch, self.consumed = state["epoch"], state["consumed"]
         self.bad, self.seen, self.warned = state["bad"], state["seen"], set(state["warned"])
 
@@ -495,319 +491,9 @@ class PromptStream:
                 "warned": sorted(set().union(*(s["warned"] for s in states)))}
 
 
-# ----------------------------------------------------------------------------- prepare: subjects and events from captions
-
-# One judge task per record returns both. The marker line names the task for the test server; {caption} is
-# the only field, in tags as untrusted text (rewards.render), every other brace is plain text. The events
-# follow rewards.py's extract_events wording, so that prepared events are what the reward would otherwise
-# extract during training.
-TEMPLATES = {
-    "subjects": (
-        "[VideoCap-R1 data task: subjects]\n" + rewards.DATA_ONLY +
-        "Below is a caption of a video. Write its ground truth, using only what the caption says:\n"
-        "- subjects: each person, animal or object the caption describes, with its name (a short noun "
-        'phrase, e.g. "man"), its attributes (short phrases for appearance, colour, size, clothing or '
-        'position, e.g. "bald", "red jacket") and its actions (short verb phrases in the order they '
-        'happen, e.g. "picks up a cup"); use [] when the caption gives none;\n'
-        "- events: at most 10 atomic events, each one action or motion written as a short "
-        "subject-verb(-object) sentence, with pronouns replaced by the nouns they refer to; leave out "
-        "scene cuts, camera motion and static appearance.\n"
-        'Answer with JSON only: {"subjects": [{"name": "...", "attributes": ["..."], "actions": ["..."]}], '
-        '"events": ["...", "..."]}\n\n'
-        "<caption>\n{caption}\n</caption>"),
-}
-
-
-def parse_subjects_reply(reply: str) -> dict:
-    """A judge's reply -> {"subjects": [...], "events": [...]}, exactly the training schema with at least
-    one subject and one event (no events would make every caption's coverage 1). The JSON may sit in prose
-    or a fence (rewards.decode_reply); anything else raises ValueError, so the judge re-asks."""
-    obj = rewards.decode_reply(reply)
-    if not isinstance(obj, dict):
-        raise DataError(f'judge reply: expected {{"subjects": [...], "events": [...]}}, got {reply[:80]!r}')
-    _unknown(obj, ("subjects", "events"), "judge reply")
-    subjects = _subjects(obj.get("subjects"), "judge reply")
-    events = _texts(obj.get("events"), "'events'", "judge reply")
-    if not subjects or not events:
-        raise DataError(f"judge reply: {'no subjects' if not subjects else 'no events'}")
-    return {"subjects": [{k: _strip(v) for k, v in s.items()} for s in subjects], "events": _strip(events)}
-
-
-def _strip(value):
-    return value.strip() if isinstance(value, str) else [v.strip() for v in value]
-
-
-def subjects_task(caption, on_malformed=None) -> rewards.Task:
-    """The judge task for one caption; on_malformed(why) hears each reply that fails to parse."""
-    def parse(reply):
-        try:
-            return parse_subjects_reply(reply)
-        except ValueError as e:
-            if on_malformed:
-                on_malformed(str(e))
-            raise
-    return rewards.Task("subjects", TEMPLATES["subjects"], {"caption": caption.strip()}, parse,
-                        rewards.lexical_subjects)
-
-
-def check_prompts(prompts):
-    """judge.prompts: every name a known template, and a "subjects" file using exactly {caption} (rewards.py
-    checks the files of its own templates when it reads them)."""
-    known = [*rewards.TEMPLATES, *TEMPLATES]
-    for name, path in prompts.items():
-        _unknown([name], known, "judge.prompts")
-        if name in TEMPLATES:
-            try:
-                rewards.read_prompt(f"judge.prompts.{name}", path, TEMPLATES[name])
-            except rewards.JudgeError as e:
-                raise DataError(str(e)) from None
-
-
-def _extract(judge, caption, malformed_retries):
-    """Ask for one caption's subjects and events -> (result, None), or (None, why) when every reply was
-    malformed. A judge that cannot answer at all (server down, HTTP error) raises JudgeError: the record
-    is fine, so it must not be rejected."""
-    malformed = []
-    try:
-        result = judge.ask([subjects_task(caption, malformed.append)])[0]
-    except ValueError as e:  # the lexical judge parses in-process and does not retry
-        return None, f"malformed reply: {e}"
-    if result is not None:
-        return result, None
-    if len(malformed) > malformed_retries:  # the HTTP judge asked 1 + malformed_retries times
-        return None, f"{len(malformed)} malformed replies, the last: {malformed[-1]}"
-    raise rewards.JudgeError(f"the judge failed ({judge.error_here}); what is written is kept: rerun the same "
-                             "command to continue")
-
-
-def _done_ids(path, ids):
-    """Ids already in an output file of an earlier run; a last line cut short by a crash is cut off the file."""
-    if not os.path.exists(path):
-        return set()
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    if lines and not lines[-1].endswith("\n"):
-        print(f"{path}:{len(lines)}: dropping a line cut short by an interrupted run", file=sys.stderr)
-        lines.pop()
-        with open(path, "r+", encoding="utf-8") as f:
-            f.truncate(len("".join(lines).encode("utf-8")))
-    done = set()
-    for n, line in enumerate(lines, 1):
-        try:
-            rid = json.loads(line)["id"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{path}:{n}: not a line written by data.py prepare; move the file away") from None
-        if rid not in ids:
-            raise DataError(f"{path}:{n}: id {rid!r} is not in the input: the file belongs to another data set; "
-                            "choose another OUT")
-        done.add(rid)
-    return done
-
-
-def _write(f, obj):
-    f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    f.flush()  # a crash loses at most the line being written
-
-
-def prepare(in_path, out_path, cfg) -> dict:
-    """Write IN's records to OUT with `subjects` and `events` filled in where missing, one judge task per
-    record, asked judge.concurrency at a time; records the judge cannot answer validly go to
-    OUT.rejects.jsonl ({"id", "reason", "record"}). A record already in OUT or in the rejects is not asked
-    again (delete the rejects file to retry them). Fields already present are kept; an absent id is
-    written as load_records named it ("<stem>:<line>"); relative video paths are rewritten for OUT's folder.
-    When every record is done, OUT is put back in IN's order. Returns the counts and the judge's stats."""
-    if os.path.abspath(in_path) == os.path.abspath(out_path):
-        raise DataError(f"{out_path}: OUT must differ from IN")
-    records = load_records(in_path)
-    with open(in_path, encoding="utf-8") as f:  # the objects as written, in load_records' order
-        objects = [json.loads(line) for line in f if line.strip()]
-    rejects_path = os.path.splitext(out_path)[0] + ".rejects.jsonl"
-    ids = {r.id for r in records}
-    done = _done_ids(out_path, ids) | _done_ids(rejects_path, ids)
-    todo = [(r, obj) for r, obj in zip(records, objects) if r.id not in done]
-    ask = [(r, obj) for r, obj in todo if r.subjects is None or r.events is None]
-    check_prompts(cfg.judge.prompts)
-    judge = rewards.make_judge(cfg.judge) if ask else None
-    # the lexical judge answers in-process: threads would only take turns on the GIL
-    workers = 1 if isinstance(judge, rewards.LexicalJudge) else cfg.judge.concurrency
-    out_dir, in_dir = os.path.dirname(os.path.abspath(out_path)), os.path.dirname(os.path.abspath(in_path))
-
-    def output(record, obj, result):
-        obj = {**obj, "id": record.id}
-        if in_dir != out_dir and not os.path.isabs(obj["video"]):
-            obj["video"] = os.path.relpath(record.video, out_dir)
-        for key in ("subjects", "events"):
-            if obj.get(key) is None:
-                obj[key] = result[key]
-        return obj
-
-    counts = {"written": 0, "copied": 0, "rejected": 0, "skipped": len(records) - len(todo)}
-    start = time.perf_counter()
-    with open(out_path, "a", encoding="utf-8") as out, open(rejects_path, "a", encoding="utf-8") as rejects, \
-            tqdm(total=len(todo), desc="prepare", unit="record") as bar:
-        for record, obj in todo:
-            if record.subjects is not None and record.events is not None:
-                _write(out, output(record, obj, None))
-                counts["copied"] += 1
-                bar.update()
-        # at most `workers` records in flight, the next one sent as one comes back: after an error or Ctrl-C
-        # nothing new is sent, and what is in flight finishes (and is cached) before the run stops
-        waiting, in_flight = iter(ask), {}
-        with ThreadPoolExecutor(workers, thread_name_prefix="prepare") as pool:
-            while True:
-                for record, obj in itertools.islice(waiting, workers - len(in_flight)):
-                    future = pool.submit(_extract, judge, record.caption, cfg.judge.malformed_retries)
-                    in_flight[future] = record, obj
-                if not in_flight:
-                    break
-                for future in wait(in_flight, return_when=FIRST_COMPLETED).done:
-                    (record, obj), (result, why) = in_flight.pop(future), future.result()
-                    if why:
-                        _write(rejects, {"id": record.id, "reason": why, "record": obj})
-                        counts["rejected"] += 1
-                    else:
-                        _write(out, output(record, obj, result))
-                        counts["written"] += 1
-                    bar.update()
-                    bar.set_postfix(rejected=counts["rejected"])
-    seconds = time.perf_counter() - start
-    _restore_order(out_path, [r.id for r in records])
-    return {**counts, "seconds": seconds, "judge": judge.describe() if judge else "not needed",
-            "judge_stats": judge.stats if judge else {}, "rejects": rejects_path}
-
-
-def _restore_order(path, order):
-    """Rewrite a finished OUT in the input's order (write, then rename: never half a file)."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    rank = {rid: k for k, rid in enumerate(order)}
-    lines.sort(key=lambda line: rank[json.loads(line)["id"]])
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- check: will every record train?
-
-def _measuring_kit(model_path, tmp_dir):
-    """(tokenizer, vision config, model type, exact) to measure prompts with: the model's own when model.path
-    holds one. Else the byte-level tokenizer of model.build_tokenizer (Qwen's special tokens and chat template)
-    and Qwen's vision layout: visual tokens stay exact, text tokens become an upper bound (every token of a
-    byte-level BPE tokenizer holds at least one byte), so a prompt that fits here fits the real model."""
-    import model as model_lib
-    if not os.path.isfile(os.path.join(model_path, "config.json")):
-        return model_lib.build_tokenizer(tmp_dir), None, "qwen2_vl", False
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(model_path)
-    if config.model_type not in model_lib.KINDS:
-        raise DataError(f"model.path {model_path} is a {config.model_type}; expected one of {model_lib.KINDS}")
-    return model_lib.load_tokenizer(model_path), config.vision_config, config.model_type, True
-
-
-def _spread(values):
-    return f"min {min(values):g}  median {statistics.median(values):g}  max {max(values):g}"
-
-
-def check(path, cfg) -> int:
-    """Encode every record of `path` as training will (data.*, data.prompt_file, model.path) and print what
-    would break. Returns the exit status: 1 when a video is unreadable (training would skip it, losing its
-    caption, and stop past data.max_bad_fraction), a prompt is over data.max_prompt_tokens (training would
-    stop there) or a record lacks subjects while reward.think_weight is on (Tscore needs them); else 0."""
-    records = load_records(path)
-    with open(cfg.data.prompt_file, encoding="utf-8") as f:
-        instruction = f.read().strip()  # as grpo.py reads it
-    measure = dataclasses.replace(cfg.data, max_prompt_tokens=sys.maxsize)  # measure all; compared below
-    limit, unreadable, rows = cfg.data.max_prompt_tokens, [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer, vision, kind, exact = _measuring_kit(cfg.model.path, tmp)
-        print(f"check {path}: {len(records)} records; prompt lengths with "
-              + (f"the tokenizer of {cfg.model.path}" if exact else f"a byte-level stand-in tokenizer, as "
-                 f"{cfg.model.path} has no model: text tokens are an upper bound, visual tokens exact"))
-        patch, tps, _ = vision_layout(vision)
-        start = time.perf_counter()
-        for record in tqdm(records, desc="check", unit="video"):
-            try:
-                prompt = encode(record.video, instruction, tokenizer, measure, kind, vision)
-            except VideoError as e:
-                unreadable.append(str(e))
-                continue
-            t, h, w = prompt["video_grid_thw"][0].tolist()
-            rows.append({"record": record, "frames": t * tps, "size": f"{h * patch}x{w * patch}",
-                         "seconds": t * float(prompt["second_per_grid_ts"][0]),  # t steps of this: the clip
-                         "visual": int((prompt["mm_token_type_ids"] == VIDEO_TYPE).sum()),
-                         "prompt": len(prompt["input_ids"])})
-        seconds = time.perf_counter() - start
-    print(f"{len(rows)} of {len(records)} videos read, {len(unreadable)} unreadable, in {seconds:.1f} s "
-          f"({len(records) / seconds:.1f} videos/s)")
-    if rows:
-        for label, key in (("clip length (s)", "seconds"), ("sampled frames", "frames"),
-                           ("visual tokens", "visual"), ("prompt tokens", "prompt")):
-            print(f"  {label:<16} {_spread([row[key] for row in rows])}")
-        sizes = Counter(row["size"] for row in rows).most_common()
-        print(f"  {'frame size':<16} " + ", ".join(f"{size} ({n} videos)" for size, n in sizes))
-        print(f"  {'text tokens':<16} {rows[0]['prompt'] - rows[0]['visual']} in every prompt"
-              + ("" if exact else " (upper bound)"))
-    if unreadable:
-        print("unreadable videos:\n" + "\n".join(f"  {why}" for why in unreadable))
-    over = [row for row in rows if row["prompt"] > limit]
-    if over:
-        print(f"prompts over data.max_prompt_tokens={limit}" + ("" if exact else " (text tokens an upper bound)")
-              + ":\n" + "\n".join(f"  {row['record'].id} ({row['record'].video}): {row['prompt']} tokens "
-                                   f"({row['visual']} visual)" for row in over))
-    no_subjects = sum(r.subjects is None for r in records)
-    print(f"records without subjects: {no_subjects}; without events: {sum(r.events is None for r in records)} "
-          "(the judge extracts those from the caption during training)")
-    problems = [f"{len(unreadable)} unreadable video(s): fix or remove them"] if unreadable else []
-    if over:
-        problems.append(f"{len(over)} prompt(s) over data.max_prompt_tokens={limit}, where training would stop: "
-                        "lower data.max_pixels or data.max_frames, or raise the limit")
-    if no_subjects and cfg.reward.think_weight:
-        problems.append(f"{no_subjects} record(s) without subjects while reward.think_weight="
-                        f"{cfg.reward.think_weight}: run python data.py prepare")
-    print(f"FAIL: {'; '.join(problems)}" if problems else
-          f"OK: every video reads and every prompt fits data.max_prompt_tokens={limit}")
-    return 1 if problems else 0
-
-
-# ----------------------------------------------------------------------------- command line
-
-USAGE = """usage: python data.py prepare IN.jsonl OUT.jsonl config.yaml [key=value ...]
-       python data.py check DATA.jsonl config.yaml [key=value ...]"""
-
-
-def main(argv) -> int:
-    """The command line (USAGE) -> exit status. A bad input or setting ends in one line on stderr."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(f"{USAGE}\n\n{__doc__}")
-        return 0
-    if bad := [a for a in argv if a.startswith("-")]:
-        print(f"data.py: unknown option {bad[0]} (--help for the usage)", file=sys.stderr)
-        return 2
-    n_files = {"prepare": 3, "check": 2}.get(argv[0] if argv else None)
-    if n_files is None or len(argv) <= n_files or any("=" in a for a in argv[1:n_files + 1]):
-        print(USAGE, file=sys.stderr)
-        return 2
-    command, files, overrides = argv[0], argv[1:n_files + 1], argv[n_files + 1:]
-    try:
-        cfg = config_lib.load_config(files[-1], overrides)
-        if command == "check":
-            return check(files[0], cfg)
-        counts = prepare(files[0], files[1], cfg)
-    except (config_lib.ConfigError, DataError, rewards.JudgeError, OSError) as e:
-        print(f"data.py {command}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"data.py {command}: interrupted" + ("; what is written is kept: rerun the same command to continue"
-                                                  if command == "prepare" else ""), file=sys.stderr)
-        return 130
-    asked = counts["written"] + counts["rejected"]
-    print(f"prepare: {counts['written']} written, {counts['copied']} copied, {counts['rejected']} rejected "
-          f"(-> {counts['rejects']}), {counts['skipped']} skipped as done by an earlier run; {asked} asked in "
-          f"{counts['seconds']:.1f} s ({asked / max(counts['seconds'], 1e-9):.1f} records/s)")
-    print(f"judge: {counts['judge']}; " + ", ".join(f"{k} {v}" for k, v in counts["judge_stats"].items()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # the commands that were here (prepare, check) are prepare.py's
+    asked = any(a in ("-h", "--help") for a in sys.argv[1:])
+    print("data.py has no commands: python prepare.py IN.jsonl OUT.jsonl config.yaml prepares a data set, "
+          "python prepare.py --check FILE.jsonl config.yaml checks one (--help for more)",
+          file=sys.stdout if asked else sys.stderr)
+    sys.exit(0 if asked else 2)

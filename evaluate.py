@@ -42,6 +42,7 @@ from tqdm import tqdm
 import benchmarks
 import config as config_lib
 import data
+import judge as judge_lib
 import rewards
 import scoring
 from benchmarks import EvalError
@@ -224,7 +225,7 @@ def score(cfg, items, everything, pred_path):
     answers, outputs, models, missing = read_answers(items, everything, pred_path, e.annotations)
     try:
         judge = scoring.make_judge(cfg)
-    except rewards.JudgeError as err:
+    except judge_lib.JudgeError as err:
         raise EvalError(f"{err}\nThe captions are kept in {pred_path}; score them later with eval.score_only=true "
                         f"eval.predictions={pred_path}") from None
     chunk = 4 * max(1, cfg.judge.concurrency)  # enough tasks per wave to keep the judge busy, yet a live bar

@@ -1,4 +1,4 @@
-"""Scoring captions with each benchmark's official metric through rewards.py's judge: the judge steps
+"""Scoring captions with each benchmark's official metric through judge.py's judge: the judge steps
 (prompts, reply parsers, the lexical judge's stand-ins) and the metrics. evaluate.py runs them.
 
 Scoring follows tarsier's evaluation/metrics/evaluate_dream_gpt.py and CaReBench's utils/dream_gpt.py:
@@ -21,7 +21,7 @@ Decisions beyond the official scripts:
 - An empty caption or statement list has no events or objects, without asking the judge (tarsier asks
   about the whole caption instead, and scores 1.0 all the same).
 - The eval judge steps read their replacement prompts from eval.prompts only (not judge.prompts).
-  The built-in prompts put captions in tags and say that text in tags is data (rewards.render); a
+  The built-in prompts put captions in tags and say that text in tags is data (judge.render); a
   replacement file pastes its bare {fields} raw, so the official wording gives the official prompt,
   byte for byte, without that protection. A malformed reply is re-asked identically, as there.
 """
@@ -30,57 +30,63 @@ import functools
 import json
 import math
 
+import judge as judge_lib
 import rewards
 from benchmarks import EvalError
 
 # ----------------------------------------------------------------------------- judge steps
 
 
-# eval's judge steps beyond rewards.py's extract_events. The marker line names each for the test server; captions
-# and what the judge derived from them sit in tags (rewards.render), the benchmark's questions and answers not.
+# eval's judge steps beyond judge.py's extract_events. The marker line names each for the test server;
+# captions and what the judge derived from them sit in tags (judge.render), the benchmark's questions and
+# answers not.
 TEMPLATES = {
     "extract_objects": (
-        "[VideoCap-R1 eval task: extract_objects]\n" + rewards.DATA_ONLY +
+        "[VideoCap-R1 eval task: extract_objects]\n" + judge_lib.DATA_ONLY +
         "Below is a description of a video. List the objects it describes: at most 10, each a short "
         'sentence "There is ..." or "There are ..." with a single attribute (split an object with several '
         "attributes into several sentences). Atmosphere, sounds, camera work and actions are not objects.\n"
         'Answer with JSON only: {"objects": ["...", "..."]}\n\n'
         "<caption>\n{caption}\n</caption>"),
     "entail": (
-        "[VideoCap-R1 eval task: entail]\n" + rewards.DATA_ONLY +
+        "[VideoCap-R1 eval task: entail]\n" + judge_lib.DATA_ONLY +
         "Below are a video description and a JSON list of statements about the video. For each statement, "
         'decide from the description alone whether the description entails it ("entailment"), contradicts '
         'it ("contradiction") or neither ("neutral").\n'
         "Answer with JSON only, one item per statement, in order: "
-        '{"events": [{"event": "...", "relationship": "entailment|neutral|contradiction", "reason": "..."}]}\n\n'
+        '{"events": [{"event": "...", "relationship": "entailment|neutral|contradiction", '
+        '"reason": "..."}]}\n\n'
         "<description>\n{description}\n</description>\n\n<events>\n{events}\n</events>"),
     "entail_objects": (
-        "[VideoCap-R1 eval task: entail_objects]\n" + rewards.DATA_ONLY +
+        "[VideoCap-R1 eval task: entail_objects]\n" + judge_lib.DATA_ONLY +
         "Below are a video description and a JSON list of statements, each naming an object in the video "
         "with one attribute. For each statement, decide from the description alone whether the description "
         'entails it ("entailment"), contradicts it ("contradiction") or neither ("neutral").\n'
         "Answer with JSON only, one item per statement, in order: "
-        '{"objects": [{"object": "...", "relationship": "entailment|neutral|contradiction", "reason": "..."}]}\n\n'
+        '{"objects": [{"object": "...", "relationship": "entailment|neutral|contradiction", '
+        '"reason": "..."}]}\n\n'
         "<description>\n{description}\n</description>\n\n<objects>\n{objects}\n</objects>"),
     "vdc_answer": (
-        "[VideoCap-R1 eval task: vdc_answer]\n" + rewards.DATA_ONLY +
+        "[VideoCap-R1 eval task: vdc_answer]\n" + judge_lib.DATA_ONLY +
         "Answer the question about a video from its description alone, with a short phrase or sentence. "
         "Write nothing else.\n\n"
         "<caption>\n{caption}\n</caption>\n\nQuestion: {question}"),
     "vdc_grade": (
-        "[VideoCap-R1 eval task: vdc_grade]\n" + rewards.DATA_ONLY +
+        "[VideoCap-R1 eval task: vdc_grade]\n" + judge_lib.DATA_ONLY +
         "Compare a predicted answer to a question about a video with the correct answer. Judge whether they "
         "match in meaning (synonyms and paraphrases match) and rate the match with an integer from 0 to 5.\n"
         "Answer with a Python dictionary only, for example {'pred': 'yes', 'score': 4}.\n\n"
-        "Question: {question}\nCorrect answer: {answer}\nPredicted answer:\n<prediction>\n{prediction}\n</prediction>"),
+        "Question: {question}\nCorrect answer: {answer}\nPredicted answer:\n"
+        "<prediction>\n{prediction}\n</prediction>"),
 }
 
 
-STEPS = {"extract_events": rewards.TEMPLATES["extract_events"], **TEMPLATES}
+STEPS = {"extract_events": judge_lib.TEMPLATES["extract_events"], **TEMPLATES}
 
 
 def _sentences(text):
-    return [s.strip() for s in text.replace("!", ".").replace("?", ".").replace(";", ".").split(".") if s.strip()]
+    text = text.replace("!", ".").replace("?", ".").replace(";", ".")
+    return [s.strip() for s in text.split(".") if s.strip()]
 
 
 def _lexical_objects(fields):
@@ -90,21 +96,23 @@ def _lexical_objects(fields):
 def _lexical_entail(fields, kind="events", one="event"):
     statements = json.loads(fields[kind])
     numbered = "\n".join(f"{k}. {' '.join(s.split())}" for k, s in enumerate(statements, 1))
-    judged = json.loads(rewards.LEXICAL["entail"]({"description": fields["description"], "events": numbered}))
+    judged = json.loads(judge_lib.LEXICAL["entail"]({"description": fields["description"],
+                                                     "events": numbered}))
     return json.dumps({kind: [{one: s, "relationship": j["relationship"], "reason": j["reason"]}
                               for s, j in zip(statements, judged["events"])]})
 
 
 def _lexical_answer(fields):
-    asked = rewards._content_words(fields["question"])
-    best = max(_sentences(fields["caption"]), key=lambda s: len(asked & rewards._content_words(s)), default="")
+    asked = judge_lib.content_words(fields["question"])
+    best = max(_sentences(fields["caption"]), key=lambda s: len(asked & judge_lib.content_words(s)),
+               default="")
     return best or "not described"
 
 
 def _lexical_grade(fields):
-    truth, said = rewards._content_words(fields["answer"]), rewards._content_words(fields["prediction"])
+    truth, said = judge_lib.content_words(fields["answer"]), judge_lib.content_words(fields["prediction"])
     share = len(truth & said) / len(truth) if truth else 0.0
-    return repr({"pred": "yes" if share >= rewards.LEXICAL_ENTAILS else "no", "score": round(5 * share)})
+    return repr({"pred": "yes" if share >= judge_lib.LEXICAL_ENTAILS else "no", "score": round(5 * share)})
 
 
 LEXICAL = {"extract_objects": _lexical_objects, "entail": _lexical_entail,
@@ -116,7 +124,7 @@ ENTAIL = {"events": "entail", "objects": "entail_objects"}  # kind of statement 
 
 
 def _parse_objects(reply):
-    obj = rewards.decode_reply(reply)
+    obj = judge_lib.decode_reply(reply)
     objects = obj.get("objects") if isinstance(obj, dict) else obj
     if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
         raise ValueError('expected {"objects": [str, ...]}')
@@ -126,11 +134,11 @@ def _parse_objects(reply):
 def _parse_judged(reply, n, kind):
     """The n labels of a reply {kind: [{..., "relationship": label}, ...]} (or a bare list): the official
     scripts read the key "events" for events and "objects" for objects."""
-    obj = rewards.decode_reply(reply)
+    obj = judge_lib.decode_reply(reply)
     judged = obj.get(kind) if isinstance(obj, dict) else obj
     if not isinstance(judged, list) or len(judged) != n:
         raise ValueError(f'expected {{"{kind}": [{n} judged statements]}}')
-    return rewards._parse_labels(json.dumps(judged, default=str, skipkeys=True), n)
+    return judge_lib.parse_labels(json.dumps(judged, default=str, skipkeys=True), n)
 
 
 def _parse_answer(reply):
@@ -141,7 +149,7 @@ def _parse_answer(reply):
 
 def _parse_grade(reply):
     """{'pred': 'yes'|'no', 'score': 0..5} (JSON or a Python-dict string, never eval) -> (yes, score)."""
-    obj = rewards.decode_reply(reply)
+    obj = judge_lib.decode_reply(reply)
     pred, score = (obj.get("pred"), obj.get("score")) if isinstance(obj, dict) else (None, None)
     if not isinstance(pred, str) or pred.strip().lower() not in ("yes", "no"):
         raise ValueError(f"'pred' must be 'yes' or 'no', got {pred!r:.40}")
@@ -156,25 +164,26 @@ def _parse_grade(reply):
 
 def extract_task(kind, caption):
     if kind == "events":
-        return rewards.extract_events_task(caption)
-    return rewards.Task("extract_objects", TEMPLATES["extract_objects"], {"caption": caption.strip()},
-                        _parse_objects, _lexical_objects)
+        return judge_lib.extract_events_task(caption)
+    return judge_lib.Task("extract_objects", TEMPLATES["extract_objects"], {"caption": caption.strip()},
+                          _parse_objects, _lexical_objects)
 
 
 def entail_task(kind, description, statements):
-    step, fields = ENTAIL[kind], {"description": description.strip(), kind: json.dumps(statements, ensure_ascii=False)}
-    return rewards.Task(step, TEMPLATES[step], fields, functools.partial(_parse_judged, n=len(statements), kind=kind),
-                        LEXICAL[step])
+    step = ENTAIL[kind]
+    fields = {"description": description.strip(), kind: json.dumps(statements, ensure_ascii=False)}
+    return judge_lib.Task(step, TEMPLATES[step], fields,
+                          functools.partial(_parse_judged, n=len(statements), kind=kind), LEXICAL[step])
 
 
 def vdc_answer_task(caption, question):
-    return rewards.Task("vdc_answer", TEMPLATES["vdc_answer"], {"caption": caption.strip(), "question": question},
-                        _parse_answer, _lexical_answer)
+    fields = {"caption": caption.strip(), "question": question}
+    return judge_lib.Task("vdc_answer", TEMPLATES["vdc_answer"], fields, _parse_answer, _lexical_answer)
 
 
 def vdc_grade_task(question, answer, prediction):
     fields = {"question": question, "answer": answer, "prediction": prediction}
-    return rewards.Task("vdc_grade", TEMPLATES["vdc_grade"], fields, _parse_grade, _lexical_grade)
+    return judge_lib.Task("vdc_grade", TEMPLATES["vdc_grade"], fields, _parse_grade, _lexical_grade)
 
 
 def check_prompts(prompts):
@@ -183,18 +192,19 @@ def check_prompts(prompts):
         if step not in STEPS:
             raise EvalError(f"eval.prompts.{step}: unknown judge step; valid: {list(STEPS)}")
         try:
-            rewards.read_prompt(f"eval.prompts.{step}", path, STEPS[step])
-        except rewards.JudgeError as e:
+            judge_lib.read_prompt(f"eval.prompts.{step}", path, STEPS[step])
+        except judge_lib.JudgeError as e:
             raise EvalError(str(e)) from None
 
 
 def make_judge(cfg):
-    """rewards.py's judge (HTTP or lexical) with eval.prompts as its replacement prompts and
+    """judge.py's judge (HTTP or lexical) with eval.prompts as its replacement prompts and
     eval.malformed_retries (not judge.malformed_retries, training's) as its re-asks, each the
     identical question as in the official scripts (training's re-asks carry the parse error)."""
     check_prompts(cfg.eval.prompts)
-    return rewards.make_judge(dataclasses.replace(cfg.judge, prompts=dict(cfg.eval.prompts),
-                                                  malformed_retries=cfg.eval.malformed_retries), feedback=False)
+    judge_cfg = dataclasses.replace(cfg.judge, prompts=dict(cfg.eval.prompts),
+                                    malformed_retries=cfg.eval.malformed_retries)
+    return judge_lib.make_judge(judge_cfg, feedback=False)
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -281,7 +291,8 @@ def score_vdc(items, answers, judge):
     out = []
     for it, a, js in zip(items, answers, judged):
         n = len(it.qa) if a is not None else 0
-        out.append({"acc": mean([float(yes) for yes, _ in js]) or 0.0, "score": mean([s for _, s in js]) or 0.0,
+        out.append({"acc": mean([float(yes) for yes, _ in js]) or 0.0,
+                    "score": mean([s for _, s in js]) or 0.0,
                     "qa": n, "qa_failed": n - len(js), "failed": not js, "caption_failed": a is None})
     return out
 
@@ -297,7 +308,8 @@ def aggregate_vdc(items, scores):
                         "videos": len(ss), "failed": sum(s["failed"] for s in ss),
                         "caption_failed": sum(s["caption_failed"] for s in ss),
                         "qa": sum(s["qa"] for s in ss), "qa_failed": sum(s["qa_failed"] for s in ss)}
-    overall = {"acc": mean([t["acc"] for t in out.values()]), "score": mean([t["score"] for t in out.values()])}
+    overall = {"acc": mean([t["acc"] for t in out.values()]),
+               "score": mean([t["score"] for t in out.values()])}
     return {"sections": out, "mean": overall}
 
 
@@ -305,7 +317,8 @@ KINDS = {"dream1k": {"events": "events"}, "carebench": {"action": "events", "obj
 
 
 def score_chunk(benchmark, items, answers, judge):
-    """Per-item scores: VDC's, or for each reported kind (DREAM-1K events; CaReBench action, object) P and R."""
+    """Per-item scores: VDC's, or for each reported kind (DREAM-1K events; CaReBench action, object) P and
+    R."""
     if benchmark == "vdc":
         return score_vdc(items, answers, judge)
     per = {name: score_pr(items, answers, kind, judge) for name, kind in KINDS[benchmark].items()}
@@ -318,4 +331,5 @@ def aggregate(benchmark, items, answers, scores):
     # CaReBench (utils/dream_gpt.py, process_one_sample) keeps a video only when all its judgements
     # succeeded: a failure for actions or for objects leaves it out of both scores
     dropped = [None in s.values() for s in scores]
-    return {name: aggregate_pr(items, answers, [s[name] for s in scores], dropped) for name in KINDS[benchmark]}
+    return {name: aggregate_pr(items, answers, [s[name] for s in scores], dropped)
+            for name in KINDS[benchmark]}

@@ -8,7 +8,7 @@ if REPO_ROOT not in sys.path:
 import pytest  # noqa: E402
 
 
-# ---- judge fixtures (rewards.py): a lexical judge server on a free port of 127.0.0.1
+# ---- judge fixtures (judge.py): a lexical judge server on a free port of 127.0.0.1
 @pytest.fixture
 def judge_server():
     from judge_server import JudgeServer

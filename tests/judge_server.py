@@ -1,5 +1,5 @@
-"""A small OpenAI-compatible judge server that answers the built-in prompts of rewards.py
-(and of scoring.py and data.py) with the lexical judge, and can be told to fail. For the
+"""A small OpenAI-compatible judge server that answers the built-in prompts of judge.py
+(and of scoring.py and prepare.py) with the lexical judge, and can be told to fail. For the
 judge tests and for benchmarks:
 
     python tests/judge_server.py --port 8123 --latency 0.05 --model judge-test
@@ -35,14 +35,14 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import rewards  # noqa: E402
+import judge as judge_lib  # noqa: E402
 
 
 def answer_prompt(prompt):
     """The lexical judge's reply to a built-in prompt, found by its first (marker) line."""
-    for name, template in rewards.TEMPLATES.items():
+    for name, template in judge_lib.TEMPLATES.items():
         if prompt.startswith(template.split("\n", 1)[0]):
-            return rewards.LEXICAL[name](unrender(template, prompt))
+            return judge_lib.LEXICAL[name](unrender(template, prompt))
     if prompt.startswith("[VideoCap-R1 data task: "):
         return answer_data_prompt(prompt)
     return answer_eval_prompt(prompt)
@@ -50,7 +50,7 @@ def answer_prompt(prompt):
 
 def unrender(template, text):
     """Recover the {fields} of a rendered template (each field up to the next literal)."""
-    pieces = rewards._FIELD.split(template)  # [literal, field, literal, field, ..., literal]
+    pieces = judge_lib.FIELD.split(template)  # [literal, field, literal, field, ..., literal]
     pos, fields = len(pieces[0]), {}
     for name, literal in zip(pieces[1::2], pieces[2::2]):
         end = text.find(literal, pos) if literal else len(text)
@@ -63,19 +63,19 @@ def unrender(template, text):
 def answer_eval_prompt(prompt):
     if not prompt.startswith("[VideoCap-R1 eval task: "):
         return "OK"  # anything else, e.g. a health-check "Reply with OK."
-    import scoring  # only here: the rewards tests never need scoring.py
+    import scoring  # only here: the judge tests never need scoring.py
     for name, template in scoring.TEMPLATES.items():
         if prompt.startswith(template.split("\n", 1)[0]):
             return scoring.LEXICAL[name](unrender(template, prompt))
     return "OK"
 
 
-# ---- data.py's judge step (subjects, for `data.py prepare`): answered from data.TEMPLATES and rewards.LEXICAL
+# ---- prepare.py's judge step (subjects): answered from prepare.TEMPLATES and prepare.LEXICAL
 def answer_data_prompt(prompt):
-    import data  # only here, like evaluate above
-    for name, template in data.TEMPLATES.items():
+    import prepare  # only here, like scoring above
+    for name, template in prepare.TEMPLATES.items():
         if prompt.startswith(template.split("\n", 1)[0]):
-            return rewards.LEXICAL[name](unrender(template, prompt))
+            return prepare.LEXICAL[name](unrender(template, prompt))
     return "OK"
 
 

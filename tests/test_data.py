@@ -435,7 +435,7 @@ def test_load_records_errors_cite_file_and_line(tmp_path, bad, line, message):
 
 
 def test_fields_the_rewards_need_are_required_at_load_time(tmp_path):
-    # null means absent, which data.py prepare fills in; a run whose rewards need the field stops at load time,
+    # null means absent, which prepare.py fills in; a run whose rewards need the field stops at load time,
     # naming the record, instead of in the middle of training (think_score raised without a name)
     import rewards
     from config import RewardConfig
@@ -445,7 +445,7 @@ def test_fields_the_rewards_need_are_required_at_load_time(tmp_path):
     assert need == {"subjects": "reward.think_weight=1.0 (Tscore)"}
     assert rewards.required_fields(RewardConfig(think_weight=0)) == {}
     with pytest.raises(DataError, match=re.escape(f"{path}:1: no 'subjects' (absent or null), which "
-                                                  "reward.think_weight=1.0 (Tscore) needs: run python data.py prepare")):
+                                                  "reward.think_weight=1.0 (Tscore) needs: run python prepare.py")):
         data.load_records(path, need)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import benchmarks
 import evaluate
-import rewards
+import judge as judge_lib
 import scoring
 from benchmarks import EvalError, Item
 from config import load_config
@@ -454,8 +454,8 @@ def test_builtin_prompts_hold_captions_as_data_and_official_files_paste_them_raw
     tasks = [scoring.extract_task("objects", hostile), scoring.entail_task("events", hostile, ["a </events>"]),
              scoring.vdc_answer_task(hostile, "What does the man do?"), scoring.vdc_grade_task("Q?", "A.", hostile)]
     for task in tasks:
-        prompt = rewards.render(task.text, task.fields, task.name)
-        assert prompt.splitlines()[1] == rewards.DATA_ONLY.strip()
+        prompt = judge_lib.render(task.text, task.fields, task.name)
+        assert prompt.splitlines()[1] == judge_lib.DATA_ONLY.strip()
         wrapped = [f for f in task.fields if f"<{f}>" in task.text]
         assert "question" not in wrapped and "answer" not in wrapped  # the benchmark's own text, as the official
         for field in wrapped:  # one block each, holding all the text with its delimiters neutralised
@@ -463,9 +463,9 @@ def test_builtin_prompts_hold_captions_as_data_and_official_files_paste_them_raw
             block = prompt.split(f"<{field}>\n")[1].split(f"\n</{field}>")[0]
             assert block.replace("&lt;", "<").replace("&gt;", ">") == task.fields[field]
     (tmp_path / "answer.txt").write_text("detailed description: {caption}, question: {question}")
-    official = rewards.read_prompt("eval.prompts.vdc_answer", str(tmp_path / "answer.txt"), scoring.STEPS["vdc_answer"])
+    official = judge_lib.read_prompt("eval.prompts.vdc_answer", str(tmp_path / "answer.txt"), scoring.STEPS["vdc_answer"])
     task = scoring.vdc_answer_task(hostile, "What does the man do?")
-    assert rewards.render(official, task.fields, task.name) == \
+    assert judge_lib.render(official, task.fields, task.name) == \
         f"detailed description: {hostile}, question: What does the man do?"
 
 

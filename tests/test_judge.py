@@ -1,7 +1,8 @@
-"""The HTTP judge client against tests/judge_server.py on 127.0.0.1: answers, retries,
-failures as NaN, malformed replies, the cache, concurrency, the health check, prompt
-files and the API key."""
+"""judge.py: its docstring examples, and the HTTP judge client against tests/judge_server.py
+on 127.0.0.1: answers, retries, failures as NaN, malformed replies, the cache, concurrency,
+the health check, prompt files and the API key."""
 import dataclasses
+import doctest
 import glob
 import json
 import math
@@ -13,7 +14,9 @@ from types import SimpleNamespace
 import pytest
 
 from config import RewardConfig
-from rewards import HTTPJudge, JudgeError, LexicalJudge, compute_rewards, make_judge
+import judge as judge_lib
+from judge import HTTPJudge, JudgeError, LexicalJudge, make_judge
+from rewards import compute_rewards
 
 CAPTION = "A bald man waves. A small dog barks at him. The man picks up a red cup."
 EVENTS = ["man waves", "dog barks", "man drinks coffee"]
@@ -28,6 +31,10 @@ def judge(judge_cfg):
 
 def with_cfg(cfg, **changes):
     return HTTPJudge(dataclasses.replace(cfg, **changes))
+
+
+def test_docstring_examples():  # decode_reply and render, which were rewards.py's
+    assert doctest.testmod(judge_lib).failed == 0
 
 
 def test_answers_equal_the_lexical_judge(judge):
@@ -80,7 +87,7 @@ def test_400_is_not_retried_and_says_why(judge, judge_server, capsys):
 
 
 def test_each_thread_sees_why_its_own_request_failed(judge, judge_server):
-    """data.py prepare asks from several threads: the error it quotes must be its own thread's, not the
+    """prepare.py asks from several threads: the error it quotes must be its own thread's, not the
     latest of any thread's (last_error)."""
     judge_server.fail("400")
     seen = {}
@@ -271,7 +278,7 @@ def test_a_malformed_reply_is_reasked_with_its_error_and_cached_as_the_question(
 
 
 def test_failures_are_counted_per_call(judge_cfg, judge_server, capsys):
-    # two threads ask at once (as data.py prepare does); each one's line counts its own requests
+    # two threads ask at once (as prepare.py does); each one's line counts its own requests
     release = threading.Event()
 
     def reply(prompt, lexical=judge_server.reply):

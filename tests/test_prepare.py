@@ -1,9 +1,11 @@
-"""data.py prepare and check. prepare through the local judge server: an interrupted run resumes asking each
-record once, malformed replies end in the rejects file, complete records are copied untouched, the prompt
-is replaceable; the lexical stand-in's reading of captions. check: its report and exit status on the shipped
-clips, a truncated clip, an over-long prompt and a record without subjects (once as a subprocess)."""
+"""prepare.py, the data preparation commands. prepare through the local judge server: an interrupted run
+resumes asking each record once, malformed replies end in the rejects file, complete records are copied
+untouched, the prompt is replaceable; the lexical stand-in's reading of captions. --check: its report and
+exit status on the shipped clips, a truncated clip, an over-long prompt and a record without subjects (once
+as a subprocess). The old `data.py prepare/check` commands point at prepare.py."""
 import dataclasses
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import data
-import rewards
+import judge as judge_lib
+import prepare
 from config import Config, load_config
 from data import DataError
 
@@ -39,7 +42,7 @@ def lines(path):
 
 
 def lexical(caption):
-    return json.loads(rewards.lexical_subjects({"caption": caption}))
+    return json.loads(prepare.lexical_subjects({"caption": caption}))
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -52,13 +55,13 @@ def test_interrupted_prepare_resumes_asking_each_record_once(tmp_path, judge_ser
     cfg = Config(judge=dataclasses.replace(judge_cfg, concurrency=concurrency,
                                            cache_dir=str(tmp_path / "cache") if cache else ""))
     judge_server.fail(None, None, None, "400")  # the 4th request fails: the judge cannot answer, the run stops
-    with pytest.raises(rewards.JudgeError, match="rerun the same command to continue"):
-        data.prepare(src, out, cfg)
+    with pytest.raises(judge_lib.JudgeError, match="rerun the same command to continue"):
+        prepare.prepare(src, out, cfg)
     first = {r["id"]: r for r in lines(out)}
     if concurrency == 1:  # the 2 copies, then a line per answer, flushed as it comes
         assert len(first) == 2 + 3
     # answers in flight when the run stopped were cached (with concurrency 4): the rerun does not ask them
-    counts = data.prepare(src, out, cfg)
+    counts = prepare.prepare(src, out, cfg)
     asked = len(rows) - len(keep)
     assert judge_server.requests == asked + 1  # each record once, plus the request that failed
     assert len({prompt for _, prompt in judge_server.seen}) == asked
@@ -78,14 +81,14 @@ def test_malformed_replies_end_in_the_rejects_file(tmp_path, judge_server, judge
     out = tmp_path / "out.jsonl"
     cfg = Config(judge=dataclasses.replace(judge_cfg, concurrency=1, malformed_retries=1))
     judge_server.fail("malformed", "wrong_count")  # the first record: 1 + malformed_retries bad replies
-    counts = data.prepare(src, out, cfg)
+    counts = prepare.prepare(src, out, cfg)
     assert (counts["rejected"], counts["written"]) == (1, len(rows) - 1)
     assert counts["judge_stats"]["malformed"] == 2
     (reject,) = lines(tmp_path / "out.rejects.jsonl")
     assert reject["id"] == rows[0]["id"] and reject["record"] == rows[0]
     assert reject["reason"].startswith("2 malformed replies, the last: judge reply: 'subjects' must be a list")
     requests = judge_server.requests
-    assert data.prepare(src, out, cfg)["skipped"] == len(rows)  # rejects are not asked again either
+    assert prepare.prepare(src, out, cfg)["skipped"] == len(rows)  # rejects are not asked again either
     assert judge_server.requests == requests
 
 
@@ -94,7 +97,7 @@ def test_the_key_never_reaches_the_rejects_file(tmp_path, judge_server, judge_cf
     monkeypatch.setenv("JUDGE_API_KEY", key)
     judge_server.key, judge_server.echo_headers = key, True  # every reply: "echo: Authorization: Bearer sk-..."
     src, rows = write_input(tmp_path)
-    counts = data.prepare(src, tmp_path / "out.jsonl", Config(judge=dataclasses.replace(judge_cfg, malformed_retries=0)))
+    counts = prepare.prepare(src, tmp_path / "out.jsonl", Config(judge=dataclasses.replace(judge_cfg, malformed_retries=0)))
     assert counts["rejected"] == len(rows) and key in json.dumps(judge_server.seen)
     reasons = [r["reason"] for r in lines(tmp_path / "out.rejects.jsonl")]
     assert all("Bearer ***" in r and key not in r for r in reasons), reasons[0]
@@ -114,13 +117,13 @@ def test_the_key_never_reaches_the_rejects_file(tmp_path, judge_server, judge_cf
 ])
 def test_the_reply_parser_is_strict(reply, message):
     with pytest.raises(ValueError, match=message):
-        data.parse_subjects_reply(reply)
+        prepare.parse_subjects_reply(reply)
 
 
 def test_the_reply_parser_takes_the_json_out_of_prose_and_fences():
     reply = ("Here you are:\n```json\n{'subjects': [{'name': ' man ', 'attributes': ['bald',], 'actions': []}],"
              " 'events': ['a man waves ']}\n```")
-    assert data.parse_subjects_reply(reply) == {
+    assert prepare.parse_subjects_reply(reply) == {
         "subjects": [{"name": "man", "attributes": ["bald"], "actions": []}], "events": ["a man waves"]}
 
 
@@ -128,11 +131,11 @@ def test_complete_records_are_copied_untouched_without_a_judge(tmp_path):
     src = tmp_path / "train.jsonl"
     src.write_text((CLIPS / "train.jsonl").read_text())
     cfg = Config()  # its judge.url has no server: nothing to ask, so no judge is made
-    counts = data.prepare(src, tmp_path / "out.jsonl", cfg)
+    counts = prepare.prepare(src, tmp_path / "out.jsonl", cfg)
     assert counts["copied"] == len(SHIPPED) and counts["judge"] == "not needed"
     assert lines(tmp_path / "out.jsonl") == SHIPPED
     (tmp_path / "sub").mkdir()  # in another folder, relative video paths are rewritten to still find the clips
-    data.prepare(src, tmp_path / "sub" / "out.jsonl", cfg)
+    prepare.prepare(src, tmp_path / "sub" / "out.jsonl", cfg)
     assert lines(tmp_path / "sub" / "out.jsonl")[0]["video"] == "../red_square_right.mp4"
     assert [r.video for r in data.load_records(tmp_path / "sub" / "out.jsonl")] == [
         r.video for r in data.load_records(src)]
@@ -144,7 +147,7 @@ def test_the_lexical_judge_prepares_and_rejects_what_it_cannot_read(tmp_path):
     src.write_text(json.dumps({"video": "a.mp4", "caption": "A small red square moves to the right."}) + "\n"
                    + json.dumps({"video": "b.mp4", "caption": "Halfway through."}) + "\n"
                    + json.dumps({"video": "c.mp4", "caption": "A red square moves.", "subjects": human}) + "\n")
-    counts = data.prepare(src, tmp_path / "out.jsonl", load_config(None, ["judge.url=lexical"]))
+    counts = prepare.prepare(src, tmp_path / "out.jsonl", load_config(None, ["judge.url=lexical"]))
     assert (counts["written"], counts["rejected"]) == (2, 1)
     first, third = lines(tmp_path / "out.jsonl")
     assert first == {"video": "a.mp4", "caption": "A small red square moves to the right.", "id": "in:1",
@@ -175,28 +178,28 @@ def test_the_subjects_prompt_is_replaceable(tmp_path, judge_server, judge_cfg):
     prompt = tmp_path / "subjects.txt"
     prompt.write_text("[VideoCap-R1 data task: subjects]\nOur own wording.\n{caption}")
     cfg = Config(judge=dataclasses.replace(judge_cfg, prompts={"subjects": str(prompt)}, malformed_retries=0))
-    data.prepare(src, tmp_path / "out.jsonl", cfg)
+    prepare.prepare(src, tmp_path / "out.jsonl", cfg)
     assert judge_server.seen[-1][1] == "[VideoCap-R1 data task: subjects]\nOur own wording.\nA red square moves."
     prompt.write_text("Extract from {text}")
     with pytest.raises(DataError, match=r"must use exactly the fields \['caption'\]"):
-        data.prepare(src, tmp_path / "again.jsonl", cfg)
+        prepare.prepare(src, tmp_path / "again.jsonl", cfg)
     cfg.judge.prompts = {"subjets": str(prompt)}
     with pytest.raises(DataError, match="did you mean 'subjects'"):
-        data.prepare(src, tmp_path / "again.jsonl", cfg)
+        prepare.prepare(src, tmp_path / "again.jsonl", cfg)
 
 
 def test_a_torn_last_line_is_dropped_and_a_foreign_out_refused(tmp_path, capsys):
     src, rows = write_input(tmp_path, keep={r["id"] for r in SHIPPED})
     out = tmp_path / "out.jsonl"
     out.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:30])  # a crash in the middle of line 2
-    counts = data.prepare(src, out, Config())
+    counts = prepare.prepare(src, out, Config())
     assert (counts["skipped"], counts["copied"]) == (1, len(rows) - 1) and lines(out) == rows
     assert "out.jsonl:2: dropping a line cut short" in capsys.readouterr().err
     out.write_text(json.dumps({**rows[0], "id": "elsewhere"}) + "\n")
     with pytest.raises(DataError, match="out.jsonl:1: id 'elsewhere' is not in the input"):
-        data.prepare(src, out, Config())
+        prepare.prepare(src, out, Config())
     with pytest.raises(DataError, match="OUT must differ from IN"):
-        data.prepare(src, src, Config())
+        prepare.prepare(src, src, Config())
 
 
 # ----------------------------------------------------------------------------- check
@@ -212,7 +215,7 @@ def test_check_fails_on_a_truncated_video_and_an_overlong_prompt(tmp_path, tiny_
     rows = [{"id": "short", "video": short}, {"id": "long", "video": long}, {"id": "cut", "video": str(cut)}]
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({**row, **SHIPPED[0], **row}) + "\n" for row in rows))
-    run = subprocess.run([sys.executable, "data.py", "check", str(path), "config.yaml", f"data.max_prompt_tokens={limit}",
+    run = subprocess.run([sys.executable, "prepare.py", "--check", str(path), "config.yaml", f"data.max_prompt_tokens={limit}",
                           f"model.path={tmp_path / 'no-model'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1, run.stderr
     report = run.stdout.splitlines()
@@ -227,8 +230,8 @@ def test_check_fails_on_a_truncated_video_and_an_overlong_prompt(tmp_path, tiny_
 @pytest.mark.parametrize("exact", [False, True])
 def test_check_passes_on_the_shipped_set(tmp_path, capsys, tiny_model_dir, exact):
     model_path = tiny_model_dir("qwen2_vl") if exact else str(tmp_path / "no-model")
-    status = data.main(["check", str(CLIPS / "train.jsonl"), str(ROOT / "config.yaml"), f"model.path={model_path}",
-                        *SETTINGS])
+    status = prepare.main(["--check", str(CLIPS / "train.jsonl"), str(ROOT / "config.yaml"), f"model.path={model_path}",
+                           *SETTINGS])
     report = capsys.readouterr().out.splitlines()
     assert status == 0, report
     assert f"{len(SHIPPED)} of {len(SHIPPED)} videos read, 0 unreadable" in report[1]
@@ -239,19 +242,31 @@ def test_check_passes_on_the_shipped_set(tmp_path, capsys, tiny_model_dir, exact
 def test_check_fails_without_subjects_while_tscore_is_on(tmp_path, capsys):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({"video": str(CLIPS / "red_square_right.mp4"), "caption": "A red square."}) + "\n")
-    argv = ["check", str(path), str(ROOT / "config.yaml"), f"model.path={tmp_path}", *SETTINGS]
-    assert data.main(argv) == 1
+    argv = ["--check", str(path), str(ROOT / "config.yaml"), f"model.path={tmp_path}", *SETTINGS]
+    assert prepare.main(argv) == 1
     assert capsys.readouterr().out.splitlines()[-1] == (
-        "FAIL: 1 record(s) without subjects while reward.think_weight=1.0: run python data.py prepare")
-    assert data.main(argv + ["reward.think_weight=0"]) == 0
+        "FAIL: 1 record(s) without subjects while reward.think_weight=1.0: run python prepare.py")
+    assert prepare.main(argv + ["reward.think_weight=0"]) == 0
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):
-    assert data.main([]) == 2 and capsys.readouterr().err.startswith("usage: python data.py prepare")
-    assert data.main(["check", "data.max_frames=4", "config.yaml"]) == 2 and capsys.readouterr().err.startswith("usage")
-    assert data.main(["prepare", str(tmp_path / "missing.jsonl"), str(tmp_path / "out.jsonl"),
-                      str(ROOT / "config.yaml")]) == 1
-    assert capsys.readouterr().err == f"data.py prepare: {tmp_path / 'missing.jsonl'}: no such file; set data.train " \
+    assert prepare.main([]) == 2 and capsys.readouterr().err.startswith("usage: python prepare.py")
+    assert prepare.main(["--check", "data.max_frames=4", "config.yaml"]) == 2 and capsys.readouterr().err.startswith("usage")
+    assert prepare.main([str(tmp_path / "missing.jsonl"), str(tmp_path / "out.jsonl"),
+                         str(ROOT / "config.yaml")]) == 1
+    assert capsys.readouterr().err == f"prepare.py: {tmp_path / 'missing.jsonl'}: no such file; set data.train " \
         "to the training JSONL\n"  # load_records' hint, written for grpo.py
-    assert data.main(["check", str(CLIPS / "train.jsonl"), str(ROOT / "config.yaml"), "data.fpss=1"]) == 1
+    assert prepare.main(["--check", str(CLIPS / "train.jsonl"), str(ROOT / "config.yaml"), "data.fpss=1"]) == 1
     assert "did you mean 'data.fps'" in capsys.readouterr().err
+    assert prepare.main(["--help"]) == 0 and capsys.readouterr().out.startswith("usage: python prepare.py")
+
+
+@pytest.mark.parametrize("argv, status", [(["prepare", "in.jsonl", "out.jsonl", "config.yaml"], 2),
+                                          (["check", "data.jsonl", "config.yaml"], 2), (["--help"], 0)])
+def test_the_old_data_commands_point_at_prepare(argv, status, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["data.py", *argv])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "data.py"), run_name="__main__")
+    assert stop.value.code == status
+    said = capsys.readouterr()
+    assert "python prepare.py" in (said.out if status == 0 else said.err)
