@@ -37,6 +37,7 @@ from tqdm import tqdm
 import checkpoint
 import config as config_lib
 import data
+import judge as judge_lib
 import model as model_lib
 import rewards
 import sft
@@ -402,7 +403,7 @@ def run(cfg, reward_fn, rank, world, device, mesh):
     # reward
     judge = None
     if reward_fn is None:
-        judge = rewards.make_judge(cfg.judge)
+        judge = judge_lib.make_judge(cfg.judge)
 
         def reward_fn(texts, recs, roll):
             return rewards.compute_rewards(texts, recs, cfg.reward, judge)

@@ -242,11 +242,11 @@ def run_main(main, argv, capsys):
 
 def test_commands_answer_help_and_refuse_unknown_options(capsys):
     import bench
-    import data
     import evaluate
+    import prepare
     import sft
     for main, argv in [(grpo.main, ["--help"]), (sft.main, ["--help"]), (evaluate.main, ["--help"]),
-                       (data.main, ["prepare", "--help"]), (data.main, ["check", "--help"]), (data.main, ["--help"]),
+                       (prepare.main, ["--help"]), (prepare.main, ["--check", "--help"]),
                        (bench.main, ["--help"])]:
         status, out, err = run_main(main, argv, capsys)
         assert status == 0 and "usage" in out.lower(), (main.__module__, argv, out[-500:], err)
