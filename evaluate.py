@@ -50,7 +50,8 @@ from benchmarks import EvalError
 PUBLISHED = {  # the papers' figures with their judges, in percent (VDC score on 0..5)
     "dream1k": {"columns": ["F1", "P", "R"], "judge": "gpt-3.5-turbo-0125", "rows": {
         "GPT-4o": [39.2, 43.4, 35.7], "Gemini-1.5-Pro": [36.2, 37.6, 34.8], "Tarsier-7B": [34.6, 40.3, 30.2],
-        "Tarsier2-7B": [42.0, 42.8, 41.1], "Qwen2-VL-7B": [29.6, 33.9, 26.3], "VideoCap-R1": [34.2, None, None]}},
+        "Tarsier2-7B": [42.0, 42.8, 41.1], "Qwen2-VL-7B": [29.6, 33.9, 26.3],
+        "VideoCap-R1": [34.2, None, None]}},
     "vdc": {"columns": ["acc", "score"], "judge": "Llama-3.1-8B-Instruct", "rows": {
         "Gemini-1.5-Pro": [41.73, 2.15], "AuroraCap-7B": [38.21, 1.98], "VideoCap-R1": [43.8, None]}},
     "carebench": {"columns": [], "judge": "DeepSeek-V3", "rows": {}, "note": "No absolute numbers here yet; "
@@ -64,8 +65,9 @@ PUBLISHED = {  # the papers' figures with their judges, in percent (VDC score on
 def settings(cfg):
     """What a caption depends on besides its video and prompt; a resumed run must match it."""
     e, d = cfg.eval, cfg.data
-    return {"model": e.model or cfg.model.path, "max_new_tokens": e.max_new_tokens, "temperature": e.temperature,
-            "think": e.think, "max_frames": e.max_frames, "fps": d.fps, "max_pixels": d.max_pixels}
+    return {"model": e.model or cfg.model.path, "max_new_tokens": e.max_new_tokens,
+            "temperature": e.temperature, "think": e.think, "max_frames": e.max_frames, "fps": d.fps,
+            "max_pixels": d.max_pixels}
 
 
 def merge(pred_path):
@@ -115,7 +117,9 @@ def instruction_for(prompt, think):
     first line replaces it when that line is the detailed prompt."""
     if not think:
         return prompt
-    return f"{prompt}\n{think[len(benchmarks.DETAILED):].lstrip() if think.startswith(benchmarks.DETAILED) else think}"
+    detailed = benchmarks.DETAILED
+    instruction = think[len(detailed):].lstrip() if think.startswith(detailed) else think
+    return f"{prompt}\n{instruction}"
 
 
 def caption_batch(items, hf, kind, tokenizer, cfg, think, device, generator):
@@ -128,25 +132,30 @@ def caption_batch(items, hf, kind, tokenizer, cfg, think, device, generator):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[1]
     prompts, ok, records = [], [], []
     for it in items:
-        base = {"id": it.id, "section": it.section, "video": it.video, "prompt": instruction_for(it.prompt, think)}
+        base = {"id": it.id, "section": it.section, "video": it.video,
+                "prompt": instruction_for(it.prompt, think)}
         try:
-            prompts.append(data.encode(it.video, base["prompt"], tokenizer, data_cfg, kind, hf.config.vision_config))
+            prompts.append(data.encode(it.video, base["prompt"], tokenizer, data_cfg, kind,
+                                       hf.config.vision_config))
             ok.append(base)
         except data.VideoError as err:
             print(f"caption failed: {err}", file=sys.stderr)
-            records.append({**base, "output": None, "answer": None, "failed": str(err), "settings": settings(cfg)})
-        except data.DataError as err:  # a prompt over data.max_prompt_tokens: a setting to change, not a video
+            records.append({**base, "output": None, "answer": None, "failed": str(err),
+                            "settings": settings(cfg)})
+        except data.DataError as err:
+            # a prompt over data.max_prompt_tokens: a setting to change, not a video
             raise EvalError(str(err)) from None
     if ok:
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.collate(prompts, pad_id).items()}
+        collated = data.collate(prompts, pad_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collated.items()}
         roll = model_lib.generate(hf, batch, 1, e.max_new_tokens, e.temperature, 1.0, end_ids, pad_id,
                                   generator=generator)
         lengths = roll.lengths.tolist()
         texts = tokenizer.batch_decode([ids[:n] for ids, n in zip(roll.ids.tolist(), lengths)],
                                        skip_special_tokens=True)
         for base, text, n, ended in zip(ok, texts, lengths, roll.ended.tolist()):
-            records.append({**base, "output": text, "answer": benchmarks.answer_text(text), "failed": None, "tokens": n,
-                            "truncated": not ended, "settings": settings(cfg)})
+            records.append({**base, "output": text, "answer": benchmarks.answer_text(text), "failed": None,
+                            "tokens": n, "truncated": not ended, "settings": settings(cfg)})
     return records
 
 
@@ -157,8 +166,8 @@ def caption(cfg, items, pred_path, rank, world, device):
     done = benchmarks.read_predictions(pred_path) if os.path.exists(pred_path) else {}
     for where, r in done.values():
         if r.get("settings") not in (None, settings(cfg)):
-            raise EvalError(f"{where}: captioned with settings {r['settings']}, not {settings(cfg)}: set another "
-                            "eval.out_dir or eval.predictions")
+            raise EvalError(f"{where}: captioned with settings {r['settings']}, not {settings(cfg)}: "
+                            "set another eval.out_dir or eval.predictions")
     mine = [it for it in items if it.key not in done or done[it.key][1].get("failed")][rank::world]
     if not mine:
         return 0
@@ -172,7 +181,8 @@ def caption(cfg, items, pred_path, rank, world, device):
     generator = torch.Generator(device).manual_seed(cfg.seed + rank) if cfg.eval.temperature > 0 else None
     bs = cfg.eval.batch_size
     desc = f"captioning {cfg.eval.benchmark} (rank 0 of {world})"
-    with open(f"{pred_path}.rank{rank}", "a") as out, tqdm(total=len(mine), desc=desc, disable=rank != 0) as bar:
+    rank_file = f"{pred_path}.rank{rank}"
+    with open(rank_file, "a") as out, tqdm(total=len(mine), desc=desc, disable=rank != 0) as bar:
         for lo in range(0, len(mine), bs):
             records = caption_batch(mine[lo:lo + bs], hf, kind, tokenizer, cfg, think, device, generator)
             out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -205,7 +215,8 @@ def read_answers(items, everything, pred_path, annotations):
     ok = [it.key in preds and not preds[it.key][1].get("failed") for it in items]
     answers = [preds[it.key][1]["answer"] if good else None for it, good in zip(items, ok)]
     outputs = [preds[it.key][1].get("output") if good else None for it, good in zip(items, ok)]
-    models = sorted({str(r["settings"].get("model")) for _, r in preds.values() if isinstance(r.get("settings"), dict)})
+    models = sorted({str(r["settings"].get("model")) for _, r in preds.values()
+                     if isinstance(r.get("settings"), dict)})
     return answers, outputs, models, missing
 
 
@@ -226,8 +237,8 @@ def score(cfg, items, everything, pred_path):
     try:
         judge = scoring.make_judge(cfg)
     except judge_lib.JudgeError as err:
-        raise EvalError(f"{err}\nThe captions are kept in {pred_path}; score them later with eval.score_only=true "
-                        f"eval.predictions={pred_path}") from None
+        raise EvalError(f"{err}\nThe captions are kept in {pred_path}; score them later with "
+                        f"eval.score_only=true eval.predictions={pred_path}") from None
     chunk = 4 * max(1, cfg.judge.concurrency)  # enough tasks per wave to keep the judge busy, yet a live bar
     scores = []
     with tqdm(total=len(items), desc=f"scoring {e.benchmark}") as bar:
@@ -239,9 +250,9 @@ def score(cfg, items, everything, pred_path):
         "benchmark": e.benchmark, "annotations": e.annotations, "predictions": pred_path,
         "model": ", ".join(models) or "unknown (predictions made elsewhere)",
         "sections": e.vdc_sections if e.benchmark == "vdc" else None,
-        "judge": {"model": judge.describe() if cfg.judge.url == "lexical" else cfg.judge.model, "url": cfg.judge.url,
-                  "malformed_retries": e.malformed_retries, "tasks_per_video": judge.stats["tasks"] / max(videos, 1),
-                  "stats": judge.stats},
+        "judge": {"model": judge.describe() if cfg.judge.url == "lexical" else cfg.judge.model,
+                  "url": cfg.judge.url, "malformed_retries": e.malformed_retries,
+                  "tasks_per_video": judge.stats["tasks"] / max(videos, 1), "stats": judge.stats},
         "videos": {"total": videos, "items": len(items), "caption_failed": sum(a is None for a in answers),
                    "missing": missing},
         "metrics": scoring.aggregate(e.benchmark, items, answers, scores),
@@ -264,8 +275,8 @@ def _pr_table(name, table):
     groups = list(table["groups"].items()) if len(table["groups"]) > 1 else []  # CaReBench has one
     for group, t in [*groups, ("**overall** (macro over groups)", table["overall"])]:
         other = f" ({t['judge_failed_other']} for the other score)" if t["judge_failed_other"] else ""
-        rows.append(f"| {group} | {_pct(t['f1'])} | {_pct(t['precision'])} | {_pct(t['recall'])} | {t['videos']} "
-                    f"| {t['caption_failed']} | {t['judge_failed']}{other} |")
+        rows.append(f"| {group} | {_pct(t['f1'])} | {_pct(t['precision'])} | {_pct(t['recall'])} "
+                    f"| {t['videos']} | {t['caption_failed']} | {t['judge_failed']}{other} |")
     return rows
 
 
@@ -273,8 +284,8 @@ def _vdc_table(metrics):
     rows = ["| section | acc | score (0-5) | videos | failed (as 0) | caption failed | QA | QA failed |",
             "|---" * 8 + "|"]
     for section, t in metrics["sections"].items():
-        rows.append(f"| {section} | {_pct(t['acc'])} | {_pct(t['score'], 1, 2)} | {t['videos']} | {t['failed']} "
-                    f"| {t['caption_failed']} | {t['qa']} | {t['qa_failed']} |")
+        rows.append(f"| {section} | {_pct(t['acc'])} | {_pct(t['score'], 1, 2)} | {t['videos']} "
+                    f"| {t['failed']} | {t['caption_failed']} | {t['qa']} | {t['qa_failed']} |")
     mean = metrics["mean"]
     rows.append(f"| **mean** | {_pct(mean['acc'])} | {_pct(mean['score'], 1, 2)} | | | | | |")
     return rows
@@ -284,14 +295,15 @@ def markdown(results):
     """results.md: our figures (percent; VDC score 0-5), counts, the judge, and the published numbers."""
     b, judge, pub = results["benchmark"], results["judge"], results["published"]
     lines = [f"# {b}: {results['model']}", "",
-             f"- judge: {judge['model']}, judge.url={judge['url']} ({judge['tasks_per_video']:.1f} tasks per video, "
-             f"{judge['stats']['failures']} failed)",
+             f"- judge: {judge['model']}, judge.url={judge['url']} "
+             f"({judge['tasks_per_video']:.1f} tasks per video, {judge['stats']['failures']} failed)",
              f"- videos: {results['videos']['total']} ({results['videos']['items']} captions), "
              f"{results['videos']['caption_failed']} captions failed or missing",
              f"- predictions: {results['predictions']}; annotations: {results['annotations']}"]
     if s := results.get("structure"):
-        lines.append(f"- structured thinking: {_pct(s['format'])}% of {s['outputs']} outputs in the <think>/<answer> "
-                     f"format; Tscore {_pct(s['think'], 1, 3)} over the {s['think_outputs']} with annotated subjects")
+        lines.append(f"- structured thinking: {_pct(s['format'])}% of {s['outputs']} outputs in the "
+                     f"<think>/<answer> format; Tscore {_pct(s['think'], 1, 3)} over the "
+                     f"{s['think_outputs']} with annotated subjects")
     lines.append("")
     if b == "vdc":
         lines += [f"Sections run: {', '.join(results['sections'])}", "", *_vdc_table(results["metrics"])]
@@ -303,7 +315,8 @@ def markdown(results):
         ours = [None if o is None or o[k] is None else 100 * o[k] for k in ("f1", "precision", "recall")]
     lines += ["", f"Published (judge {pub['judge']}; scores depend strongly on the judge):", ""]
     if pub["rows"]:
-        lines += ["| model | " + " | ".join(pub["columns"]) + " | judge |", "|---" * (len(pub["columns"]) + 2) + "|"]
+        lines += ["| model | " + " | ".join(pub["columns"]) + " | judge |",
+                  "|---" * (len(pub["columns"]) + 2) + "|"]
         for model, row in [("**ours**", ours), *pub["rows"].items()]:
             cells = " | ".join("n/a" if x is None else f"{x:.2f}".rstrip("0").rstrip(".") for x in row)
             lines.append(f"| {model} | {cells} | {judge['model'] if model == '**ours**' else pub['judge']} |")
@@ -330,7 +343,8 @@ def before_after(before, after, before_name, after_name):
     old = headline(before)
     for name, (value, scale) in headline(after).items():
         was = old.get(name, (None, scale))[0]
-        change = "n/a" if value is None or was is None else f"{scale * (value - was):+.{1 if scale == 100 else 3}f}"
+        change = ("n/a" if value is None or was is None
+                  else f"{scale * (value - was):+.{1 if scale == 100 else 3}f}")
         rows.append(f"| {name} | {_pct(was, scale, 1 if scale == 100 else 3)} | "
                     f"{_pct(value, scale, 1 if scale == 100 else 3)} | {change} |")
     return "\n".join(rows) + "\n"
@@ -360,8 +374,8 @@ def evaluate(cfg):
             return None
         return score(cfg, items, everything, predictions_file(e, "eval.score_only"))
     if os.path.isfile(pred_path) and (fmt := benchmarks.official_format(pred_path)):
-        raise EvalError(f"{pred_path} holds {fmt}'s captions: score them with eval.score_only=true, or caption "
-                        "into another eval.predictions")
+        raise EvalError(f"{pred_path} holds {fmt}'s captions: score them with eval.score_only=true, or "
+                        "caption into another eval.predictions")
     rank, world, device = init_distributed()
     try:
         if rank == 0:
@@ -382,7 +396,8 @@ def evaluate(cfg):
             return None
         n = merge(pred_path)
         seconds = time.perf_counter() - start
-        print(f"captioned {n} items in {seconds:.1f} s ({n / seconds:.3f} items/s over {world} ranks) -> {pred_path}")
+        print(f"captioned {n} items in {seconds:.1f} s ({n / seconds:.3f} items/s over {world} ranks) "
+              f"-> {pred_path}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -410,14 +425,16 @@ def export(cfg, fmt):
     index = {it.key: k for k, it in enumerate(everything)}
     done = [(index[it.key], it, a) for it, a in zip(items, answers) if a is not None]
     if fmt == "tarsier":
-        text = "".join(json.dumps(benchmarks.tarsier_record(it, k, a), ensure_ascii=False) + "\n" for k, it, a in done)
+        text = "".join(json.dumps(benchmarks.tarsier_record(it, k, a), ensure_ascii=False) + "\n"
+                       for k, it, a in done)
     else:  # CaReBench's tasks/captioning.py reads <save_dir>/description.json instead of captioning
         text = json.dumps({str(k): {"pred": a, "gt": it.reference, "events": it.events, "objects": it.objects}
                            for k, it, a in done}, ensure_ascii=False)
     os.makedirs(e.out_dir, exist_ok=True)
     path = os.path.join(e.out_dir, name)
     Path(path).write_text(text)
-    print(f"--export {fmt}: {len(done)} captions written, {len(items) - len(done)} failed or missing left out")
+    print(f"--export {fmt}: {len(done)} captions written, {len(items) - len(done)} failed or missing "
+          "left out")
     return path
 
 
@@ -447,7 +464,8 @@ def parse_args(argv):
             if fmt not in benchmarks.EXPORTS:
                 _usage_error(f"--export takes {' or '.join(benchmarks.EXPORTS)}, got {fmt!r}")
         elif arg.startswith("-"):
-            _usage_error(f"unknown flag {arg}; the flags are --export {'|'.join(benchmarks.EXPORTS)} and --help")
+            _usage_error(f"unknown flag {arg}; the flags are --export {'|'.join(benchmarks.EXPORTS)} "
+                         "and --help")
         elif path is None and not overrides and "=" not in arg:
             path = arg
         else:

@@ -29,7 +29,8 @@ def judge_cfg(judge_server, tmp_path):
 # ---- tiny model fixtures (model.py): one random tiny model per kind, built once per test session
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """tiny_model_dir(kind) -> folder of a tiny random model of that kind (model.build_tiny), built on first use."""
+    """tiny_model_dir(kind) -> folder of a tiny random model of that kind (model.build_tiny), built on first
+    use."""
     import model
     built = {}
 

@@ -1,6 +1,7 @@
 """One GRPO update on a fixed global batch, under torchrun with any number of ranks.
 
-    torchrun --nproc_per_node 2 tests/fsdp_step.py MODEL_DIR OUT.pt [LOSS_AGG] [CHECKPOINTING] [REPLICATE] [SHARED]
+    torchrun --nproc_per_node 2 tests/fsdp_step.py MODEL_DIR OUT.pt [LOSS_AGG] [CHECKPOINTING]
+        [REPLICATE] [SHARED]
 
 Rank r takes videos r, r + world, ... of a fixed global batch of max(2, world) videos x G
 samples with fixed completions and rewards, so the rollout's randomness is out of the picture:
@@ -26,7 +27,8 @@ G, T = 4, 6
 
 def step_config(model_dir, agg="seq-mean-token-mean", checkpointing="false", shared="true"):
     # micro-batches of 3 rows: groups of 4 split over two micro-batches
-    return config.load_config(None, [f"model.path={model_dir}", f"model.gradient_checkpointing={checkpointing}",
+    return config.load_config(None, [f"model.path={model_dir}",
+                                     f"model.gradient_checkpointing={checkpointing}",
                                      f"sampling.group_size={G}", f"sampling.max_new_tokens={T}",
                                      "train.micro_batch_size=3", "train.lr=0.1", f"train.loss_agg={agg}",
                                      f"train.prefix_shared={shared}", "data.max_pixels=12544"])

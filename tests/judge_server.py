@@ -10,7 +10,8 @@ In tests (tests/conftest.py has a fixture):
     server.reply = fn                               # fn(prompt) -> reply text, for a test's own prompts
     server.listed = []                              # /models lists these (default [model]): on-demand loading
     server.key = "sk-..."                           # every request needs this bearer key, else 401
-    server.echo_headers = True                      # every body quotes the request's headers, as a careless proxy
+    server.echo_headers = True                      # every body quotes the request's headers, as a
+                                                    # careless proxy
     ... server.requests, server.max_in_flight ...   # counters; server.bodies: every chat request's JSON
     server.stop()
 
@@ -135,7 +136,8 @@ class _Handler(BaseHTTPRequestHandler):
         """401 when the server wants a key and the request lacks it; an echoing proxy quotes the headers."""
         auth = self.headers.get("Authorization")
         if self.server.key and auth != f"Bearer {self.server.key}":
-            self._send(401, {"error": {"message": "Incorrect API key provided" if auth else "No API key provided"}})
+            message = "Incorrect API key provided" if auth else "No API key provided"
+            self._send(401, {"error": {"message": message}})
             return True
         return False
 
@@ -146,7 +148,8 @@ class _Handler(BaseHTTPRequestHandler):
         if srv.echo_headers:
             return self._send(200, {"echo": f"Authorization: {self.headers.get('Authorization')}"})
         if self.path.endswith("/models") and srv.models_endpoint:
-            return self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in srv.listed]})
+            models = [{"id": m, "object": "model"} for m in srv.listed]
+            return self._send(200, {"object": "list", "data": models})
         self._send(404, {"error": {"message": f"no route {self.path}"}})
 
     def do_POST(self):

@@ -7,7 +7,8 @@
 `load`: load_policy (every rank on the meta device, rank 0 streaming the weights) against every rank reading
 the whole model as before, for the policy and the reference: every parameter and buffer equal, and so are the
 log-probs of a forward; rank 3 sees no model folder and still loads; check_shared names rank 3; and one GRPO
-update over a 2x2 HSDP mesh gives the parameters a 1x4 FSDP mesh gives. Rank 0 writes what it found to OUT.json.
+update over a 2x2 HSDP mesh gives the parameters a 1x4 FSDP mesh gives. Rank 0 writes what it found to
+OUT.json.
 
 `grpo`: grpo.train on demo.yaml with `recording_reward`, which appends each rank's videos of each step to
 train.out_dir/videos-world<W>-rank<R>.jsonl, so that a test can tell which videos were consumed.
@@ -63,7 +64,8 @@ def load(model_dir, out_path):
             "keys": sorted(a) == sorted(b), "params_equal": all(torch.equal(a[k], b[k]) for k in a),
             "dtypes": sorted({str(p.dtype) for p in new.parameters()}),
             "buffers_equal_on_every_rank": all(training.gather(all(buffers.values()))) and len(buffers) > 0,
-            "logp_equal": torch.equal(forward_logp(new, tokenizer, kind, cfg), forward_logp(old, tokenizer, kind, cfg))}
+            "logp_equal": torch.equal(forward_logp(new, tokenizer, kind, cfg),
+                                      forward_logp(old, tokenizer, kind, cfg))}
     try:
         checkpoint.check_shared("shared", timeout=1.0)
         found["check_shared"] = "passed"
@@ -71,8 +73,8 @@ def load(model_dir, out_path):
         found["check_shared"] = str(e)
     params = {0: full_state(new)}  # the weights as loaded
     for replicate in (1, 2):
-        acc, params[replicate] = fsdp_step.update_once(cfg, device, training.device_mesh(device.type, replicate),
-                                                        rank, world)
+        step_mesh = training.device_mesh(device.type, replicate)
+        acc, params[replicate] = fsdp_step.update_once(cfg, device, step_mesh, rank, world)
         found[f"loss_replicate={replicate}"] = acc["loss"]
     if rank == 0:
         found["hsdp_max_diff"] = max((params[2][k] - v).abs().max().item() for k, v in params[1].items())
@@ -84,7 +86,8 @@ def load(model_dir, out_path):
 
 def recording_reward(texts, records, roll):
     """A reward with spread (the completion's length mod 5, over 5) that writes down this rank's videos."""
-    out = os.path.join(os.environ["RECORD_DIR"], f"videos-world{dist.get_world_size()}-rank{dist.get_rank()}.jsonl")
+    out = os.path.join(os.environ["RECORD_DIR"],
+                       f"videos-world{dist.get_world_size()}-rank{dist.get_rank()}.jsonl")
     with open(out, "a") as f:
         f.write(json.dumps(list(dict.fromkeys(r.id for r in records))) + "\n")
     reward = torch.tensor([len(t) % 5 for t in texts], dtype=torch.float32) / 5

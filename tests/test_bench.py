@@ -1,5 +1,6 @@
-"""bench.py: the quick run end to end (figures printed, greedy outputs identical to HF generate's, GPU sections
-skipped cleanly without CUDA), its memory measure, and the GPU sections' functions exercised on CPU."""
+"""bench.py: the quick run end to end (figures printed, greedy outputs identical to HF generate's, GPU
+sections skipped cleanly without CUDA), its memory measure, and the GPU sections' functions exercised on
+CPU."""
 import json
 import math
 import subprocess
@@ -30,7 +31,8 @@ def test_quick_bench_prints_its_figures_and_skips_the_gpu():
     rows = [line.split() for line in lines[header + 1:header + 5]]
     assert [(r[0], r[1]) for r in rows] == [("64", "reference"), ("64", "update"), ("256", "reference"),
                                             ("256", "update")]
-    assert all(float(r[-2]) <= 1e-5 for r in rows)                        # log-probs, prefix-shared vs per row
+    # log-probs, prefix-shared vs per row
+    assert all(float(r[-2]) <= 1e-5 for r in rows)
     assert all(float(r[-1]) <= 1e-5 for r in rows[1::2])                  # gradients (update rows)
     assert lines[-1] == "GPU sections skipped: --no-gpu"
 
@@ -62,7 +64,8 @@ def test_gpu_sections_run_on_cpu(quick_model):
     d = bench.bench_decode(quick_model, 64, 4, 4, bandwidth=None)
     assert d["tok_s"] > 0 and math.isnan(d["bandwidth_share"])
     params = sum(p.numel() for p in quick_model.model.language_model.layers.parameters())
-    assert bench.text_weight_bytes(quick_model) == 4 * (params + quick_model.model.language_model.norm.weight.numel()
+    norm_params = quick_model.model.language_model.norm.weight.numel()
+    assert bench.text_weight_bytes(quick_model) == 4 * (params + norm_params
                                                         + quick_model.lm_head.weight.numel())
     m = bench.bench_mfu(quick_model, 64, 8, peak_flops=None)
     assert m["tokens"] == 64 + 63 + 8 and m["seconds"] > 0 and math.isnan(m["mfu"])

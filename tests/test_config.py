@@ -117,7 +117,8 @@ def test_out_of_range_values_are_refused_with_the_key(override, message):
         with pytest.raises(ConfigError, match="reward.cn: its weights must not all be 0"):
             load_config(CONFIG, [override, "reward.cn.naturalness_weight=0"])
         return
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[").replace(")", r"\)")):
+    pattern = message.replace("(", r"\(").replace("[", r"\[").replace(")", r"\)")
+    with pytest.raises(ConfigError, match=pattern):
         load_config(CONFIG, [override])
 
 

@@ -90,9 +90,10 @@ def test_frame_count_by_hand(total, fps, overrides, expected):
 
 
 def qwen_smart_nframes(total_frames, video_fps, fps, min_frames, max_frames):
-    """qwen-vl-utils' smart_nframes (0.0.9 to 0.0.14) with fps, min_frames and max_frames given, written out in its
-    order: min_frames rounded up and max_frames down to multiples of 2; duration * fps raised to the first, lowered
-    to the second and to total_frames; then floored to a multiple of 2. A count outside [2, total_frames] raises."""
+    """qwen-vl-utils' smart_nframes (0.0.9 to 0.0.14) with fps, min_frames and max_frames given, written out
+    in its order: min_frames rounded up and max_frames down to multiples of 2; duration * fps raised to the
+    first, lowered to the second and to total_frames; then floored to a multiple of 2. A count outside
+    [2, total_frames] raises."""
     low, high = 2 * math.ceil(min_frames / 2), 2 * math.floor(max_frames / 2)
     n = min(min(max(total_frames / video_fps * fps, low), high), total_frames)
     n = 2 * math.floor(n / 2)
@@ -102,7 +103,8 @@ def qwen_smart_nframes(total_frames, video_fps, fps, min_frames, max_frames):
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.integers(2, 20000), st.floats(1.0, 120.0), st.floats(0.05, 8.0), st.integers(1, 32), st.integers(1, 64))
+@given(st.integers(2, 20000), st.floats(1.0, 120.0), st.floats(0.05, 8.0), st.integers(1, 32),
+       st.integers(1, 64))
 def test_frame_count_matches_qwen_vl_utils(total, video_fps, fps, min_frames, max_frames):
     cfg = DataConfig(fps=fps, min_frames=min_frames, max_frames=max_frames)
     try:
@@ -139,7 +141,8 @@ def reference_patches(frames, p, tp, m):
 
 @pytest.mark.parametrize("T, H, W", [(4, 56, 84), (3, 28, 56), (1, 56, 28)])
 def test_video_to_patches_matches_reference_loop(T, H, W):
-    frames = torch.randint(0, 256, (T, 3, H, W), dtype=torch.uint8, generator=torch.Generator().manual_seed(T))
+    frames = torch.randint(0, 256, (T, 3, H, W), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(T))
     pixels, grid = data.video_to_patches(frames)
     expected, expected_grid = reference_patches(frames, 14, 2, 2)
     assert grid.tolist() == expected_grid and pixels.dtype == torch.float32
@@ -162,7 +165,8 @@ def hf_qwen2_vl_function(name):
 
 def test_video_to_patches_matches_hf_patchify():
     patchify = hf_qwen2_vl_function("patchify")
-    frames = torch.randint(0, 256, (5, 3, 56, 84), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    frames = torch.randint(0, 256, (5, 3, 56, 84), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
     mean, std = torch.tensor(data.CLIP_MEAN) * 255, torch.tensor(data.CLIP_STD) * 255
     normalised = (frames.float() - mean[:, None, None]) / std[:, None, None]
     hf_pixels, t, h, w = patchify(None, normalised[None], patch_size=14, merge_size=2, temporal_patch_size=2)
@@ -211,15 +215,18 @@ def test_frame_size_by_hand(height, width, n_frames, overrides, expected):
 @settings(max_examples=300, deadline=None)
 @given(st.integers(28, 4000), st.integers(28, 4000), st.integers(2, 768), st.integers(4, 256),
        st.integers(0, 20000), st.integers(1, 2000), st.integers(1, 2000))
-def test_frame_size_matches_qwen_vl_utils(height, width, n_frames, min_tokens, extra_tokens, cap_tokens, budget):
-    """qwen-vl-utils' fetch_video (0.0.9 to 0.0.14) written out, with HF's smart_resize: max_pixels is the caller's
-    value lowered to max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))."""
+def test_frame_size_matches_qwen_vl_utils(height, width, n_frames, min_tokens, extra_tokens, cap_tokens,
+                                          budget):
+    """qwen-vl-utils' fetch_video (0.0.9 to 0.0.14) written out, with HF's smart_resize: max_pixels is the
+    caller's value lowered to max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * FRAME_FACTOR),
+    int(min_pixels * 1.05))."""
     if max(height, width) / min(height, width) > data.MAX_RATIO:
         return
     cfg = DataConfig(min_pixels=min_tokens * 784, max_pixels=(min_tokens + extra_tokens) * 784,
                      video_max_pixels=cap_tokens * 784, total_pixels=budget * 784 * 100)
     limit = max(min(cfg.video_max_pixels, cfg.total_pixels / n_frames * 2), int(cfg.min_pixels * 1.05))
-    expected = hf_qwen2_vl_function("smart_resize")(height, width, 28, cfg.min_pixels, min(cfg.max_pixels, limit))
+    smart_resize = hf_qwen2_vl_function("smart_resize")
+    expected = smart_resize(height, width, 28, cfg.min_pixels, min(cfg.max_pixels, limit))
     assert data.frame_size(height, width, n_frames, cfg) == expected
 
 
@@ -231,9 +238,9 @@ def test_clip_constants_match_transformers():
 # ----------------------------------------------------------------------------- resize
 
 def torchvision_resize(frames, height, width):
-    """torchvision's resize(BICUBIC, antialias=True) of a uint8 tensor, as qwen-vl-utils calls it, written out from
-    torchvision/transforms/_functional_tensor.py (resize, _cast_squeeze_in/_out): to float32, interpolate, clamp
-    to 0..255, round, back to uint8."""
+    """torchvision's resize(BICUBIC, antialias=True) of a uint8 tensor, as qwen-vl-utils calls it, written out
+    from torchvision/transforms/_functional_tensor.py (resize, _cast_squeeze_in/_out): to float32,
+    interpolate, clamp to 0..255, round, back to uint8."""
     x = torch.nn.functional.interpolate(frames.to(torch.float32), size=[height, width], mode="bicubic",
                                         align_corners=False, antialias=True)
     return torch.round(x.clamp(min=0, max=255)).to(torch.uint8)
@@ -249,8 +256,8 @@ def cubic(x, a=-0.5):
 
 def resample_matrix(n_in, n_out):
     """(n_out, n_in) float64 weights of antialiased bicubic resampling, one output pixel at a time: centre
-    (i + 0.5) * scale in input coordinates; the kernel stretched by the scale when shrinking (support 2 * scale),
-    taps int(centre -/+ support + 0.5) cut at the borders, weights normalised to sum 1."""
+    (i + 0.5) * scale in input coordinates; the kernel stretched by the scale when shrinking (support
+    2 * scale), taps int(centre -/+ support + 0.5) cut at the borders, weights normalised to sum 1."""
     scale = n_in / n_out
     stretch = max(scale, 1.0)
     m = torch.zeros(n_out, n_in, dtype=torch.float64)
@@ -281,14 +288,16 @@ def test_resize_by_hand():
     assert data.resize_frames(checker[..., :1, :], 1, 4)[0, 0].tolist() == [[0, 53, 202, 255]]
 
 
-@pytest.mark.parametrize("T, H, W, height, width", [(2, 64, 96, 56, 84), (1, 17, 23, 28, 56), (3, 100, 60, 28, 28),
-                                                      (1, 360, 640, 224, 420)])
+@pytest.mark.parametrize("T, H, W, height, width", [(2, 64, 96, 56, 84), (1, 17, 23, 28, 56),
+                                                      (3, 100, 60, 28, 28), (1, 360, 640, 224, 420)])
 def test_resize_matches_torchvision_and_a_slow_reference(T, H, W, height, width):
-    frames = torch.randint(0, 256, (T, 3, H, W), dtype=torch.uint8, generator=torch.Generator().manual_seed(H))
+    frames = torch.randint(0, 256, (T, 3, H, W), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(H))
     ours = data.resize_frames(frames, height, width)
     assert ours.dtype == torch.uint8 and torch.equal(ours, torchvision_resize(frames, height, width))
-    # float64 separable resampling: equal after rounding, except within float32 noise (< 0.01 here) of a .5 tie
-    slow = resample_matrix(H, height) @ frames.double() @ resample_matrix(W, width).T     # (T, 3, height, width)
+    # float64 separable resampling: equal after rounding, except within float32 noise (< 0.01 here) of a
+    # .5 tie
+    slow = resample_matrix(H, height) @ frames.double() @ resample_matrix(W, width).T  # (T, 3, height, width)
     slow = slow.clamp(0, 255)
     near_tie = ((slow - slow.floor()) - 0.5).abs() < 0.01
     assert (ours.double() - slow).abs().max() <= 0.5 + 0.01
@@ -296,7 +305,8 @@ def test_resize_matches_torchvision_and_a_slow_reference(T, H, W, height, width)
 
 
 def test_resize_leaves_frames_at_the_size_alone():
-    frames = torch.randint(0, 256, (2, 3, 28, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    frames = torch.randint(0, 256, (2, 3, 28, 56), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
     assert data.resize_frames(frames, 28, 56) is frames
 
 
@@ -330,14 +340,15 @@ def test_shipped_clip_reads_and_shows_its_colours(record):
 
 @pytest.mark.parametrize("record", SHIPPED, ids=[r.id for r in SHIPPED])
 def test_shipped_clip_follows_qwens_recipe(record, tiny_tokenizer):
-    """read_video and encode on a shipped clip against Qwen's recipe written out: qwen-vl-utils' frame count and
-    frame indices, the size, torchvision's resize; then HF's patchify of the CLIP-normalised frames."""
+    """read_video and encode on a shipped clip against Qwen's recipe written out: qwen-vl-utils' frame count
+    and frame indices, the size, torchvision's resize; then HF's patchify of the CLIP-normalised frames."""
     import decord
     reader = decord.VideoReader(record.video)
     total = len(reader)                              # 16, 20 or 24 frames at 8 fps: 2, 2.5 or 3 s
     n = qwen_smart_nframes(total, 8.0, 2.0, 4, 16)   # 4, 5 -> 4, 6
     assert n == {16: 4, 20: 4, 24: 6}[total]
-    raw = torch.from_numpy(reader.get_batch(torch.linspace(0, total - 1, n).round().long().tolist()).asnumpy())
+    indices = torch.linspace(0, total - 1, n).round().long().tolist()
+    raw = torch.from_numpy(reader.get_batch(indices).asnumpy())
     raw = raw.permute(0, 3, 1, 2)                    # (n, 3, 64, W0)
     # 64 -> round(64/28) * 28 = 56, 96 -> 84; 56*84 = 4704 is inside [3136, 100352]
     height, width = {64: (56, 56), 96: (56, 84)}[raw.shape[3]]
@@ -346,7 +357,8 @@ def test_shipped_clip_follows_qwens_recipe(record, tiny_tokenizer):
     assert torch.equal(frames, expected) and fps == n / total * 8.0
     prompt = data.encode(record.video, "Describe.", tiny_tokenizer, DataConfig(), "qwen2_vl")
     mean, std = torch.tensor(data.CLIP_MEAN) * 255, torch.tensor(data.CLIP_STD) * 255
-    normalised = (expected.float() - mean[:, None, None]) / std[:, None, None]   # HF's fused rescale + normalize
+    # HF's fused rescale + normalize
+    normalised = (expected.float() - mean[:, None, None]) / std[:, None, None]
     hf_pixels, t, h, w = hf_qwen2_vl_function("patchify")(None, normalised[None], patch_size=14, merge_size=2,
                                                           temporal_patch_size=2)
     assert prompt["video_grid_thw"].tolist() == [[t, h, w]] == [[n // 2, height // 14, width // 14]]
@@ -377,8 +389,10 @@ def bad_videos(tmp_path):
     # first (the cut loses frames the index lists). A cut of only the trailing metadata (the last ~2%
     # of a shipped clip) leaves every frame decodable and is not an error.
     width, height, frames, draw, _ = make_clips.CLIPS["red_square_right"]
-    make_clips.write_mp4(str(tmp_path / "faststart.mp4"), make_clips.render(width, height, frames, draw), True)
-    for layout, clip in (("shipped", CLIPS / "red_square_right.mp4"), ("faststart", tmp_path / "faststart.mp4")):
+    make_clips.write_mp4(str(tmp_path / "faststart.mp4"), make_clips.render(width, height, frames, draw),
+                         True)
+    for layout, clip in (("shipped", CLIPS / "red_square_right.mp4"),
+                         ("faststart", tmp_path / "faststart.mp4")):
         full = clip.read_bytes()
         for frac in (0.3, 0.6, 0.9):
             cases[f"{layout}_cut_{frac}"] = tmp_path / f"{layout}_cut_{frac}.mp4"
@@ -445,7 +459,8 @@ def test_fields_the_rewards_need_are_required_at_load_time(tmp_path):
     assert need == {"subjects": "reward.think_weight=1.0 (Tscore)"}
     assert rewards.required_fields(RewardConfig(think_weight=0)) == {}
     with pytest.raises(DataError, match=re.escape(f"{path}:1: no 'subjects' (absent or null), which "
-                                                  "reward.think_weight=1.0 (Tscore) needs: run python prepare.py")):
+                                                  "reward.think_weight=1.0 (Tscore) needs: run python "
+                                                  "prepare.py")):
         data.load_records(path, need)
 
 
@@ -453,9 +468,11 @@ def test_grpo_stops_at_load_on_a_record_without_subjects(tmp_path):
     import grpo
     from config import load_config
     clip = {"video": str(CLIPS / "red_square_right.mp4"), "caption": "A red square moves.", "subjects": None}
-    path = write_jsonl(tmp_path, [clip, clip])  # enough for a step: the old code crashed in it, naming no record
-    cfg = load_config(str(CLIPS.parent.parent / "demo.yaml"), [f"data.train={path}", f"model.path={tmp_path / 'm'}",
-                                                              f"train.out_dir={tmp_path / 'run'}", "train.warm_start=false"])
+    # enough for a step: the old code crashed in it, naming no record
+    path = write_jsonl(tmp_path, [clip, clip])
+    cfg = load_config(str(CLIPS.parent.parent / "demo.yaml"),
+                      [f"data.train={path}", f"model.path={tmp_path / 'm'}",
+                       f"train.out_dir={tmp_path / 'run'}", "train.warm_start=false"])
     with pytest.raises(DataError, match=re.escape(f"{path}:1: no 'subjects'")):
         grpo.train(cfg)
     assert not (tmp_path / "m").exists()  # before any model was built
@@ -481,7 +498,8 @@ def test_encode_builds_qwen_inputs(two_prompts, tiny_tokenizer):
     tid = tiny_tokenizer.convert_tokens_to_ids
     for p, grid, fps in zip(two_prompts, ([2, 4, 4], [3, 4, 6]), (4 / 16 * 8, 6 / 24 * 8)):
         ids = p["input_ids"].tolist()
-        assert p["video_grid_thw"].tolist() == [grid] and p["pixel_values_videos"].shape == (math.prod(grid), 1176)
+        assert p["video_grid_thw"].tolist() == [grid]
+        assert p["pixel_values_videos"].shape == (math.prod(grid), 1176)
         n = math.prod(grid) // 4                        # t*h*w / merge_size^2 tokens
         start = ids.index(tid("<|vision_start|>"))
         assert ids[start + 1:start + 1 + n] == [tid("<|video_pad|>")] * n
@@ -514,7 +532,8 @@ def test_collate_left_pads(two_prompts):
     assert torch.equal(batch["input_ids"][1], b["input_ids"])
     assert torch.equal(batch["pixel_values_videos"],
                        torch.cat([a["pixel_values_videos"], b["pixel_values_videos"]]))
-    assert batch["video_grid_thw"].tolist() == [[2, 4, 4], [3, 4, 6]] and batch["second_per_grid_ts"].shape == (2,)
+    assert batch["video_grid_thw"].tolist() == [[2, 4, 4], [3, 4, 6]]
+    assert batch["second_per_grid_ts"].shape == (2,)
 
 
 def test_repeat_batch_keeps_each_rows_pixels(two_prompts):
@@ -524,7 +543,8 @@ def test_repeat_batch_keeps_each_rows_pixels(two_prompts):
     expected_pixels = []
     for r in range(6):
         b = r // 3                                      # row b*n+k is prompt b
-        for key in ("input_ids", "attention_mask", "mm_token_type_ids", "video_grid_thw", "second_per_grid_ts"):
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids", "video_grid_thw",
+                    "second_per_grid_ts"):
             assert torch.equal(rows[key][r], batch[key][b]), key
         expected_pixels.append(two_prompts[b]["pixel_values_videos"])
     assert torch.equal(rows["pixel_values_videos"], torch.cat(expected_pixels))

@@ -31,7 +31,8 @@ def test_structure_scores_worked_example():
     """format and Tscore of raw outputs: one perfect, one without tags, one failed caption."""
     items = [benchmarks.Item("1", "1.mp4", "g", "p", subjects=[{"name": "square", "attributes": ["red"],
                                                              "actions": ["moves right"]}]),
-             benchmarks.Item("2", "2.mp4", "g", "p", subjects=[{"name": "ball", "attributes": [], "actions": []}]),
+             benchmarks.Item("2", "2.mp4", "g", "p",
+                             subjects=[{"name": "ball", "attributes": [], "actions": []}]),
              benchmarks.Item("3", "3.mp4", "g", "p")]
     perfect = ('<think>{"subjects": [{"name": "square", "attributes": ["red"], "actions": ["moves right"]}]}'
                "</think><answer>A red square moves right.</answer>")

@@ -23,14 +23,16 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def demo_cfg(model_dir, out_dir, *overrides):
-    return config.load_config(DEMO, [f"model.path={model_dir}", f"train.out_dir={out_dir}", "train.warm_start=false",
+    return config.load_config(DEMO, [f"model.path={model_dir}", f"train.out_dir={out_dir}",
+                                     "train.warm_start=false",
                                      f"data.train={ROOT}/tests/data/train.jsonl",
                                      f"data.prompt_file={ROOT}/prompts/think.txt", *overrides])
 
 
 def letters_reward(model_dir):
     """Toy reward: the share of a completion's tokens that are lowercase letters."""
-    target = torch.tensor(model.load_tokenizer(model_dir).convert_tokens_to_ids(list("abcdefghijklmnopqrstuvwxyz")))
+    tokenizer = model.load_tokenizer(model_dir)
+    target = torch.tensor(tokenizer.convert_tokens_to_ids(list("abcdefghijklmnopqrstuvwxyz")))
 
     def reward_fn(texts, records, roll):
         mask = grpo.length_mask(roll.lengths, roll.ids.shape[1])
@@ -46,7 +48,8 @@ def rewards_logged(out_dir):
 
 LEARN = ["train.steps=30", "train.lr=3e-3", "sampling.group_size=8", "sampling.max_new_tokens=16",
          "train.prompts_per_rank=2",
-         "train.micro_batch_size=16", "train.checkpoint_every=0", "train.export=false", "train.sample_every=0"]
+         "train.micro_batch_size=16", "train.checkpoint_every=0", "train.export=false",
+         "train.sample_every=0"]
 
 
 @pytest.mark.parametrize("sign", [1, -1])
@@ -144,7 +147,8 @@ def test_demo_end_to_end(tiny_model_dir, tmp_path, nproc):
     if nproc == 1:  # a warm start made from another model is refused, not silently reused
         again = run_grpo(["demo.yaml", f"model.path={path}-other", f"train.out_dir={tmp_path}",
                           f"sft.out_dir={tmp_path}/sft"])
-        assert again.returncode == 1 and f"{tmp_path}/sft/export was made from model.path={path}" in again.stderr
+        assert again.returncode == 1
+        assert f"{tmp_path}/sft/export was made from model.path={path}" in again.stderr
     hf, kind = model.load_model(str(tmp_path / "export"), saved.model, "cpu", train=False)
     assert kind == "qwen2_vl" and model.load_tokenizer(str(tmp_path / "export")).pad_token_id is not None
 
@@ -179,8 +183,8 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_pa
     ("model.path=/nonexistent/model", "/nonexistent/model"),
 ])
 def test_bad_configs_fail_clearly(tmp_path, override, message):
-    proc = run_grpo(["demo.yaml", f"train.out_dir={tmp_path}", f"sft.out_dir={tmp_path}/sft", "model.build_tiny=",
-                     override], timeout=120)
+    proc = run_grpo(["demo.yaml", f"train.out_dir={tmp_path}", f"sft.out_dir={tmp_path}/sft",
+                     "model.build_tiny=", override], timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
 
@@ -196,7 +200,8 @@ def test_a_changed_setting_is_honoured_and_recorded_or_refused(tiny_model_dir, t
     changes = [json.loads(line) for line in open(tmp_path / "changes.jsonl")]
     assert {"step": 2, "key": "train.lr", "old": 1e-3, "new": 2e-3} in changes
     assert {"step": 2, "key": "train.steps", "old": 2, "new": 4} in changes
-    with pytest.raises(checkpoint.CheckpointError, match="seed was 0 in the checkpoint at step 4, now 7.*resume=never"):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match="seed was 0 in the checkpoint at step 4, now 7.*resume=never"):
         grpo.train(demo_cfg(path, tmp_path, *common, "train.steps=6", "seed=7"), reward_fn=reward_fn)
 
 
@@ -205,7 +210,8 @@ def test_steps_redone_after_a_crash_are_logged_once(tiny_model_dir, tmp_path):
     reward_fn = letters_reward(path)
     common = [*LEARN[1:], "train.checkpoint_every=2"]
     grpo.train(demo_cfg(path, tmp_path, *common, "train.steps=3"), reward_fn=reward_fn)
-    shutil.rmtree(tmp_path / "checkpoints" / "step-000003")  # killed after logging step 3, before its checkpoint
+    # killed after logging step 3, before its checkpoint
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000003")
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "rew')  # and a line torn by the kill
     grpo.train(demo_cfg(path, tmp_path, *common, "train.steps=4"), reward_fn=reward_fn)
@@ -254,7 +260,8 @@ def test_commands_answer_help_and_refuse_unknown_options(capsys):
         status, out, err = run_main(main, ["demo.yaml", "--frobnicate"], capsys)
         assert status == 2 and "--frobnicate" in err and len(err.splitlines()) == 1, (main.__module__, err)
     # and the scripts themselves, once
-    proc = subprocess.run([sys.executable, "grpo.py", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    proc = subprocess.run([sys.executable, "grpo.py", "--help"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python grpo.py")
 
 
@@ -314,10 +321,10 @@ def test_held_out_rewards_are_logged(tiny_model_dir, tmp_path):
 def test_a_full_disk_while_logging_names_the_file(tiny_model_dir, tmp_path):
     path = tiny_model_dir("qwen2_vl")
     # ulimit -f 4: no file past 4 KiB; config.yaml (3 KiB) fits, metrics.jsonl fills up after some 5 steps
-    proc = subprocess.run(["bash", "-c", 'ulimit -f 4; exec "$0" "$@"', sys.executable, "grpo.py", "demo.yaml",
-                           f"model.path={path}", f"train.out_dir={tmp_path}", "train.warm_start=false",
-                           "train.steps=40", "train.checkpoint_every=0", "train.export=false",
-                           "sampling.max_new_tokens=48", "train.prompts_per_rank=1"],
+    proc = subprocess.run(["bash", "-c", 'ulimit -f 4; exec "$0" "$@"', sys.executable, "grpo.py",
+                           "demo.yaml", f"model.path={path}", f"train.out_dir={tmp_path}",
+                           "train.warm_start=false", "train.steps=40", "train.checkpoint_every=0",
+                           "train.export=false", "sampling.max_new_tokens=48", "train.prompts_per_rank=1"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"grpo.py: cannot write {tmp_path}/metrics.jsonl (disk full or not writable?)" in proc.stderr

@@ -141,7 +141,8 @@ import sys, torch, torch.distributed as dist, grpo, training
 rank, world, device, mesh = training.init_distributed()
 g = torch.Generator().manual_seed(0)
 rewards = torch.rand(6, 4, generator=g, dtype=torch.float64) * 3       # the global batch: 6 groups of G = 4
-rewards[1, 2] = float("nan")                                           # a failed judge call: group 1 is dropped
+# a failed judge call: group 1 is dropped
+rewards[1, 2] = float("nan")
 mine = rewards[rank::world]                                            # rank r takes groups r, r + world, ...
 judged = torch.isfinite(mine).all(dim=1)
 adv = grpo.group_advantages(torch.nan_to_num(mine), "batch", 1e-4, grpo.batch_std(mine, judged))
@@ -159,8 +160,9 @@ def test_batch_scale_is_the_global_batchs_std_on_any_number_of_ranks(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = tmp_path / "adv.py"
     script.write_text(ADV_RANKS)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path / "adv")], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(script), str(tmp_path / "adv")],
+                          capture_output=True, text=True, timeout=120,
                           cwd=root, env={**os.environ, "PYTHONPATH": root})
     assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-3000:]
     g = torch.Generator().manual_seed(0)

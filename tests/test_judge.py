@@ -173,8 +173,9 @@ def test_requests_run_concurrently(judge_cfg, judge_server, concurrency):
 
 def test_health_check(judge_cfg, judge_server):
     make_judge(dataclasses.replace(judge_cfg, health_check=True))
-    with pytest.raises(JudgeError, match="/models lists \\['judge-test'\\], not 'Qwen-72B', and a test request "
-                                         "for it failed: .*HTTP 404.*The model `Qwen-72B` does not exist.*Set judge.model"):
+    with pytest.raises(JudgeError, match="/models lists \\['judge-test'\\], not 'Qwen-72B', and a test "
+                                         "request for it failed: .*HTTP 404.*The model `Qwen-72B` does "
+                                         "not exist.*Set judge.model"):
         make_judge(dataclasses.replace(judge_cfg, model="Qwen-72B", health_check=True))
     judge_server.models_endpoint = False  # falls back to one tiny chat call
     make_judge(dataclasses.replace(judge_cfg, health_check=True))
@@ -215,7 +216,8 @@ def test_api_key_is_sent_but_never_shown(judge_cfg, judge_server, tmp_path, monk
     assert judge.extract_events(["Another caption."]) == [None]
     assert key in json.dumps(judge_server.seen)  # the server really had it ...
     errors = []
-    for bad in (dataclasses.replace(cfg, model="nope"), dataclasses.replace(cfg, url="http://127.0.0.1:9/v1")):
+    for bad in (dataclasses.replace(cfg, model="nope"),
+                dataclasses.replace(cfg, url="http://127.0.0.1:9/v1")):
         with pytest.raises(JudgeError) as e:
             make_judge(bad)
         errors.append(str(e.value))
@@ -227,7 +229,7 @@ def test_api_key_is_sent_but_never_shown(judge_cfg, judge_server, tmp_path, monk
     assert not [s for s in shown if key in s]  # ... and we never show it
 
 
-# ---------------------------------------------------------------- real servers' ways (transformers serve, LiteLLM)
+# ----------------------------------------------------------- real servers' ways (transformers serve, LiteLLM)
 
 def test_health_check_asks_a_model_that_models_does_not_list(judge_cfg, judge_server, capsys):
     judge_server.listed = ["some-loaded-model"]  # a server that loads models on demand lists only loaded ones
@@ -260,7 +262,8 @@ def test_a_reply_cut_at_max_tokens_says_so(judge, judge_server):
     assert "cut off at the length limit" in judge_server.bodies[-1]["messages"][-1]["content"]
 
 
-def test_a_malformed_reply_is_reasked_with_its_error_and_cached_as_the_question(judge_cfg, judge_server, tmp_path):
+def test_a_malformed_reply_is_reasked_with_its_error_and_cached_as_the_question(judge_cfg, judge_server,
+                                                                                 tmp_path):
     cfg = dataclasses.replace(judge_cfg, cache_dir=str(tmp_path))
     judge_server.fail("malformed")
     assert HTTPJudge(cfg).entail([(CAPTION, EVENTS)]) == [["entailment", "entailment", "neutral"]]
@@ -296,7 +299,8 @@ def test_failures_are_counted_per_call(judge_cfg, judge_server, capsys):
     release.set()
     slow.join()
     lines = [x for x in capsys.readouterr().err.splitlines() if "requests failed" in x]
-    assert sorted(x.split(";")[0] for x in lines) == ["judge: 1 of 1 requests failed", "judge: 1 of 2 requests failed"]
+    assert sorted(x.split(";")[0] for x in lines) == ["judge: 1 of 1 requests failed",
+                                                      "judge: 1 of 2 requests failed"]
     assert judge.stats["failures"] == 2
 
 

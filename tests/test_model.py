@@ -64,12 +64,14 @@ def test_tiny_config_takes_ids_from_tokenizer(tiny_model_dir, kind):
     assert config["model_type"] == kind and tok.padding_side == "left"
     assert config["text_config"]["vocab_size"] == len(tok) == 256 + len(M.SPECIAL_TOKENS)
     for key, token in [("video_token_id", "<|video_pad|>"), ("image_token_id", "<|image_pad|>"),
-                       ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]:
+                       ("vision_start_token_id", "<|vision_start|>"),
+                       ("vision_end_token_id", "<|vision_end|>")]:
         assert config[key] == tok.convert_tokens_to_ids(token)
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     text = "héllo <|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>"
     assert tok.decode(tok(text)["input_ids"]) == text
-    prompt = tok.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "x"}]}],
+    content = [{"type": "video"}, {"type": "text", "text": "x"}]
+    prompt = tok.apply_chat_template([{"role": "user", "content": content}],
                                      tokenize=False, add_generation_prompt=True)
     assert prompt == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                       "<|vision_start|><|video_pad|><|vision_end|>x<|im_end|>\n<|im_start|>assistant\n")
@@ -171,7 +173,8 @@ def test_safetensors_read_from_the_published_layout(tmp_path):
     stored = M.stored_weights(str(tmp_path))
     # Qwen's released names, renamed as transformers 5 renames them; the new layout's kept
     assert sorted(stored) == ["lm_head.weight", "model.language_model.embed_tokens.weight",
-                              "model.language_model.layers.0.mlp.up_proj.weight", "model.language_model.norm.weight",
+                              "model.language_model.layers.0.mlp.up_proj.weight",
+                              "model.language_model.norm.weight",
                               "model.visual.blocks.0.norm1.weight"]
     read = {k: M.read_weight(v) for k, v in stored.items()}
     assert read["model.visual.blocks.0.norm1.weight"].dtype == torch.bfloat16
@@ -206,13 +209,15 @@ def test_safetensors_errors_name_the_file(tmp_path, tiny_model_dir):
     with pytest.raises(M.ModelError, match="not a complete safetensors file"):
         M.stored_weights(str(folder))
     write_safetensors(folder / "model.safetensors", {"x": ("F32", [1], b"\0\0\0\0")})
-    odd = (folder / "model.safetensors").read_bytes().replace(b'"shape"', b'"shope"')   # a header of another shape
+    # a header of another shape
+    odd = (folder / "model.safetensors").read_bytes().replace(b'"shape"', b'"shope"')
     (folder / "model.safetensors").write_bytes(odd)
     with pytest.raises(M.ModelError, match="not a complete safetensors file"):
         M.stored_weights(str(folder))
 
     (folder / "model.safetensors").unlink()
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001.safetensors"}}))
+    index = {"weight_map": {"x": "model-00001.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(M.ModelError, match="lists model-00001.safetensors, which is not in"):
         M.stored_weights(str(folder))
     (folder / "model.safetensors.index.json").write_text("{}")
@@ -232,7 +237,8 @@ def test_safetensors_errors_name_the_file(tmp_path, tiny_model_dir):
 def hf_greedy(model, batch, kind, b, max_new_tokens, eos):
     """Prompt b alone through HF generate: its greedy completion, stopping after the first of eos."""
     one = row_inputs(batch, b, kind)
-    out = model.generate(**one, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    out = model.generate(**one, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                         pad_token_id=0)
     return out[0, one["input_ids"].shape[1]:].tolist()
 
 
@@ -251,7 +257,8 @@ def test_greedy_group_rollout_equals_per_row_generation(frozen, kind):
     rollout = M.generate(model, batch, G, T, 0.0, 1.0, eos, pad_id=257)
     hook.remove()
     assert rows_fed[0] == B and rows_fed[1] == B * G                     # the prefill ran once per prompt
-    assert rows_fed[-1] == int((rollout.lengths == T).sum()) < B * G     # the last step fed only rows still going
+    # the last step fed only rows still going
+    assert rows_fed[-1] == int((rollout.lengths == T).sum()) < B * G
     assert rollout.ids.shape == (B * G, T)
     for n in range(B * G):
         want = expected[n // G]
@@ -285,7 +292,8 @@ def test_sampled_rollout_lengths_flags_padding_and_seeds(frozen):
     eos = list(range(100, 115))                          # ~6% of the vocabulary: rows end at varied steps
 
     def run(seed):
-        return M.generate(model, batch, G, T, 1.0, 0.95, eos, pad, generator=torch.Generator().manual_seed(seed))
+        return M.generate(model, batch, G, T, 1.0, 0.95, eos, pad,
+                          generator=torch.Generator().manual_seed(seed))
     rollout = run(1)
     assert rollout.ids.shape == (B * G, T) and rollout.ended.any() and not rollout.ended.all()
     is_eos = torch.isin(rollout.ids, torch.tensor(eos))
@@ -381,7 +389,8 @@ def test_policy_logp_and_grads_equal_plain_log_softmax(tiny_model_dir, kind):
         hf.zero_grad()
         logp, entropy = fn()
         (logp * weights).sum().backward()
-        results.append((logp.detach(), entropy.detach(), {n: p.grad.clone() for n, p in hf.named_parameters()}))
+        param_grads = {n: p.grad.clone() for n, p in hf.named_parameters()}
+        results.append((logp.detach(), entropy.detach(), param_grads))
     (logp, entropy, grads), (logp0, entropy0, grads0) = results
     assert logp.dtype == torch.float32 and (logp[1, 1:] == 0).all()
     assert torch.allclose(logp, logp0, atol=1e-5) and torch.allclose(entropy, entropy0, atol=1e-5)
@@ -396,7 +405,8 @@ def test_selective_log_softmax_equals_plain_on_random_tensors():
     targets = torch.randint(0, 11, (3, 5), generator=g)
     targets[1, 3:] = 0                                                # padding: a row that ended early
     upstream = torch.randn(3, 5, generator=g)
-    logp, entropy = M.selective_log_softmax(hidden, weight, targets, 0.8, chunk_size=4)   # 4 chunks, last partial
+    # 4 chunks, last partial
+    logp, entropy = M.selective_log_softmax(hidden, weight, targets, 0.8, chunk_size=4)
     (logp * upstream).sum().backward()
     chunked = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
@@ -405,9 +415,11 @@ def test_selective_log_softmax_equals_plain_on_random_tensors():
     (plain * upstream).sum().backward()
     assert torch.allclose(logp, plain, atol=1e-5) and not entropy.requires_grad
     assert torch.allclose(entropy, -(logprobs.exp() * logprobs).sum(-1), atol=1e-5)
-    assert torch.allclose(chunked[0], hidden.grad, atol=1e-5) and torch.allclose(chunked[1], weight.grad, atol=1e-5)
+    assert torch.allclose(chunked[0], hidden.grad, atol=1e-5)
+    assert torch.allclose(chunked[1], weight.grad, atol=1e-5)
     with torch.no_grad():
-        assert torch.allclose(M.selective_log_softmax(hidden, weight, targets, 0.8, chunk_size=2)[0], plain, atol=1e-5)
+        two_chunks = M.selective_log_softmax(hidden, weight, targets, 0.8, chunk_size=2)[0]
+        assert torch.allclose(two_chunks, plain, atol=1e-5)
     with pytest.raises(ValueError, match="temperature > 0"):
         M.selective_log_softmax(hidden, weight, targets, 0.0)
 
@@ -453,16 +465,17 @@ def test_rope_positions_follow_qwens_published_rule(tiny_model_dir, kind, T, ste
 
 @pytest.mark.parametrize("total, T, expected_t, after", [
     # 9.33 s at 24 fps (224 frames) at 2 fps: 18.7 frames, capped at 16 (grid t = 8). Float32, as Qwen's
-    # get_rope_index_25 and vLLM compute it: 3 * 1.1666666 = 3.4999999 rounds to 3.5 (a tie, to even), * 2 = 7;
-    # likewise 6 * 1.1666666 -> 7.0, * 2 = 14. Float64 gives 6.9999998 -> 6 and 13.9999995 -> 13.
+    # get_rope_index_25 and vLLM compute it: 3 * 1.1666666 = 3.4999999 rounds to 3.5 (a tie, to even),
+    # * 2 = 7; likewise 6 * 1.1666666 -> 7.0, * 2 = 14. Float64 gives 6.9999998 -> 6 and 13.9999995 -> 13.
     (224, 16, [0, 2, 4, 7, 9, 11, 14, 16], 20),
-    # 4.67 s (112 frames): 9.3 -> 8 frames (grid t = 4), the same 1.714 fps: the last frames are at 3 + 7, so the
-    # text after the video starts at 11 (float64: 3 + 6 + 1 = 10)
+    # 4.67 s (112 frames): 9.3 -> 8 frames (grid t = 4), the same 1.714 fps: the last frames are at 3 + 7, so
+    # the text after the video starts at 11 (float64: 3 + 6 + 1 = 10)
     (112, 8, [0, 2, 4, 7], 11),
 ])
 def test_qwen2_5_vl_time_is_float32(tiny_model_dir, total, T, expected_t, after):
     assert data.frame_count(total, 24.0, DataConfig()) == T
-    spg = torch.tensor(2 / (T / total * 24.0), dtype=torch.float32).item()   # as data.encode and HF's processor
+    # as data.encode and HF's processor
+    spg = torch.tensor(2 / (T / total * 24.0), dtype=torch.float32).item()
     assert f"{spg:.9f}" == "1.166666627"
     # the rule as Qwen's fine-tuning code (qwen-vl-finetune rope2d.py) and vLLM write it: an int64 grid index
     # times a Python float times tokens_per_second (2), which torch computes in float32, then truncated
@@ -472,24 +485,28 @@ def test_qwen2_5_vl_time_is_float32(tiny_model_dir, total, T, expected_t, after)
     hf, _ = M.load_model(tiny_model_dir("qwen2_5_vl"), ModelConfig(path=tiny_model_dir("qwen2_5_vl")), "cpu",
                          train=False)
     assert hf.config.vision_config.tokens_per_second == 2
-    batch = _rope_batch(T // 2, 4, 4, spg)          # 3 text tokens, the video (4x4 patches: 2x2 tokens), 2 text
+    # 3 text tokens, the video (4x4 patches: 2x2 tokens), 2 text
+    batch = _rope_batch(T // 2, 4, 4, spg)
     pos = M.rope_positions(hf, batch, batch["input_ids"], batch["attention_mask"])[:, 0]   # (3, S)
     assert pos[0, 3:-2].tolist() == [3 + t for t in expected_t for _ in range(4)]
     assert pos[:, -2:].tolist() == [[after, after + 1]] * 3
     # transformers 5.24 computes t * (2 * 1.1666666) in float32: the same for a power-of-2 tokens_per_second
     hf_pos, _ = hf.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-                                        video_grid_thw=batch["video_grid_thw"], attention_mask=batch["attention_mask"],
+                                        video_grid_thw=batch["video_grid_thw"],
+                                        attention_mask=batch["attention_mask"],
                                         second_per_grid_ts=batch["second_per_grid_ts"])
     assert torch.equal(hf_pos[:, 0, :-2], pos[:, :-2])
 
 
 def test_qwen2_5_vl_positions_of_the_shipped_clips(frozen):
-    """make_batch's clips at 1 fps: 4 frames each (grid t = 2) of 20, 24 and 16 frames at 8 fps, so 1.6, 1.333 and
-    2 fps sampled and 1.25, 1.5 and 1.0 s per grid step: the second step at int(1 * 1.25 * 2) = 2, 3 and 2."""
+    """make_batch's clips at 1 fps: 4 frames each (grid t = 2) of 20, 24 and 16 frames at 8 fps, so 1.6, 1.333
+    and 2 fps sampled and 1.25, 1.5 and 1.0 s per grid step: the second step at int(1 * 1.25 * 2) = 2, 3 and
+    2."""
     hf, _, batch = frozen("qwen2_5_vl")
     assert batch["second_per_grid_ts"].tolist() == [1.25, 1.5, 1.0]
     pos = M.rope_positions(hf, batch, batch["input_ids"], batch["attention_mask"])          # (3, N, L)
     for n, second in enumerate([2, 3, 2]):
         video = batch["mm_token_type_ids"][n] == data.VIDEO_TYPE
         start = int(pos[0, n, video][0])
-        assert pos[0, n, video].tolist() == [start] * 16 + [start + second] * 16     # 4x4 tokens per grid step
+        # 4x4 tokens per grid step
+        assert pos[0, n, video].tolist() == [start] * 16 + [start + second] * 16

@@ -1,7 +1,8 @@
-"""Past one node, on CPU processes (gloo): loading from rank 0 equals every rank reading the model, HSDP equals
-FSDP, a run resumes on another number of ranks without repeating or skipping videos, and two torchrun "nodes"
-on this machine, each in a folder of its own (a disk the other does not see), train from a model folder only
-node 0 has and are stopped, naming the rank, when their checkpoints would not be on a shared disk."""
+"""Past one node, on CPU processes (gloo): loading from rank 0 equals every rank reading the model, HSDP
+equals FSDP, a run resumes on another number of ranks without repeating or skipping videos, and two torchrun
+"nodes" on this machine, each in a folder of its own (a disk the other does not see), train from a model
+folder only node 0 has and are stopped, naming the rank, when their checkpoints would not be on a shared
+disk."""
 import json
 import os
 import shutil
@@ -45,7 +46,8 @@ def two_nodes(folders, args, timeout=300):
 def global_order():
     """The record ids in epoch 0's global order (seed 0, shuffled), as one rank taking them all sees them."""
     records = data.load_records(f"{ROOT}/tests/data/train.jsonl")
-    return [r.id for r, _ in data.PromptStream(records, lambda r: {}, 0, 1, 0, len(records), True, 0.1).next()]
+    stream = data.PromptStream(records, lambda r: {}, 0, 1, 0, len(records), True, 0.1)
+    return [r.id for r, _ in stream.next()]
 
 
 def consumed(out_dir, world):
@@ -56,9 +58,10 @@ def consumed(out_dir, world):
 
 
 def test_the_data_position_carries_over_to_another_number_of_ranks():
-    """2 ranks take 2 steps; 1 rank, 3 ranks, or 1 rank of 2 prompts continue the global order from the 5th item;
-    the bad-video counts keep their totals and every rank knows every warned file."""
-    records = [data.Record(id=str(i), video=f"v{i}.mp4", caption="c", subjects=None, events=None) for i in range(12)]
+    """2 ranks take 2 steps; 1 rank, 3 ranks, or 1 rank of 2 prompts continue the global order from the 5th
+    item; the bad-video counts keep their totals and every rank knows every warned file."""
+    records = [data.Record(id=str(i), video=f"v{i}.mp4", caption="c", subjects=None, events=None)
+               for i in range(12)]
 
     def encode(record):
         if record.video in bad:
@@ -117,8 +120,8 @@ def test_nodes_without_a_shared_disk_are_stopped_before_any_model_loads(tmp_path
     results = two_nodes(nodes, [f"{ROOT}/grpo.py", f"{ROOT}/demo.yaml", *RUN, "model.path=model",
                                 "train.out_dir=run", "train.steps=1"])
     for code, out, err in results:
-        assert code != 0 and f"grpo.py: rank 1 cannot see {nodes[0]}/run/checkpoints, where rank 0 keeps" in err, \
-            err[-3000:]
+        refusal = f"grpo.py: rank 1 cannot see {nodes[0]}/run/checkpoints, where rank 0 keeps"
+        assert code != 0 and refusal in err, err[-3000:]
     assert os.listdir(nodes[1]) == []
 
 

@@ -22,7 +22,8 @@ def load(tiny_model_dir, kind, **overrides):
 
 def completions(hf, n, seed=0):
     """(n, T) random completion ids with no vision placeholder (the policy never samples one, model.ban)."""
-    ids = torch.randint(0, hf.config.text_config.vocab_size, (n, T), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, hf.config.text_config.vocab_size, (n, T),
+                        generator=torch.Generator().manual_seed(seed))
     ids[torch.isin(ids, torch.tensor(M.vision_token_ids(hf.config)))] = 0
     return ids
 
@@ -53,7 +54,8 @@ def test_prefix_shared_equals_per_row(tiny_model_dir, kind):
     per_row = run(policy, data.repeat_batch(batch, G), ids, LENGTHS, None, weights)
     assert_same(shared, per_row)
     logp, entropy, grads = shared
-    assert (logp[LENGTHS[:, None] <= torch.arange(T)] == 0).all() and (logp[0] < 0).all() and entropy[0].min() > 0
+    assert (logp[LENGTHS[:, None] <= torch.arange(T)] == 0).all()
+    assert (logp[0] < 0).all() and entropy[0].min() > 0
     assert grads["model.visual.patch_embed.proj.weight"].abs().sum() > 0    # the vision tower trains
     # the comparison has teeth: another completion for one row changes that row only
     other = ids.clone()
@@ -71,12 +73,13 @@ def test_float64_paths_agree_to_rounding(tiny_model_dir):
     ids, weights = completions(hf, B * G), torch.randn(B * G, T, dtype=torch.float64)
     policy = M.Policy(hf)
     assert_same(run(policy, batch, ids, LENGTHS, G, weights),
-                run(policy, data.repeat_batch(batch, G), ids, LENGTHS, None, weights), atol=1e-10, grad_rtol=1e-6)
+                run(policy, data.repeat_batch(batch, G), ids, LENGTHS, None, weights),
+                atol=1e-10, grad_rtol=1e-6)
 
 
 def test_unequal_groups_and_a_group_split_over_two_calls(tiny_model_dir):
-    """group_size as counts per prompt; a group's completions split over two calls (grpo.py's micro-batches when
-    a group does not fit one pass) accumulate the per-row gradient."""
+    """group_size as counts per prompt; a group's completions split over two calls (grpo.py's micro-batches
+    when a group does not fit one pass) accumulate the per-row gradient."""
     hf, batch = load(tiny_model_dir, "qwen2_vl")
     counts, lengths = [1, 3, 2], torch.tensor([4, 7, 0, 2, 5, 1])
     ids, weights = completions(hf, 6, seed=2), torch.randn(6, T, generator=torch.Generator().manual_seed(3))
@@ -87,7 +90,8 @@ def test_unequal_groups_and_a_group_split_over_two_calls(tiny_model_dir):
 
     policy.zero_grad(set_to_none=True)
     logps = []
-    # prompt 1's group split 2 + 1 over the two calls: rows 0 | 1, 2 from prompts 0 | 1, then 3 | 4, 5 from 1 | 2
+    # prompt 1's group split 2 + 1 over the two calls: rows 0 | 1, 2 from prompts 0 | 1, then 3 | 4, 5 from
+    # 1 | 2
     for part, prompts in (([0, 1, 2], [0, 1]), ([3, 4, 5], [1, 2])):
         logp, _ = policy(data.select_rows(batch, prompts), ids[part], lengths[part], 0.7, group_size=[1, 2])
         (logp * weights[part]).sum().backward()
@@ -113,8 +117,9 @@ def test_eager_attention_takes_the_additive_mask(tiny_model_dir):
 
 @pytest.mark.parametrize("kind", M.KINDS)
 def test_packed_positions_equal_the_per_row_m_rope_ids(tiny_model_dir, kind):
-    """Every fed token carries the (temporal, height, width) ids it has in its per-row sequence: the prompt's own,
-    then text one past the prompt's largest id (Qwen2.5-VL's time axis scaled by seconds per grid step)."""
+    """Every fed token carries the (temporal, height, width) ids it has in its per-row sequence: the prompt's
+    own, then text one past the prompt's largest id (Qwen2.5-VL's time axis scaled by seconds per grid
+    step)."""
     hf, batch = load(tiny_model_dir, kind)
     ids = completions(hf, B * G)
     packed = M.pack_groups(batch, M.rope_positions(hf, batch, batch["input_ids"], batch["attention_mask"]),
@@ -133,7 +138,8 @@ def test_packed_positions_equal_the_per_row_m_rope_ids(tiny_model_dir, kind):
         assert torch.equal(packed.positions[:, b, mine], per_row[:, n, L:L + fed])
         assert torch.equal(packed.input_ids[b, mine], ids[n, :fed])
     assert packed.input_ids.shape[1] % 16 == 0 and len(packed.sources) == int(LENGTHS.sum())
-    # a video's tokens share ids (frames on a grid), so the text after the prompt does not resume at its length
+    # a video's tokens share ids (frames on a grid), so the text after the prompt does not resume at its
+    # length
     assert int(packed.positions[0, 0, packed.segments[0] == 1][0]) < int(batch["attention_mask"][0].sum())
 
 
@@ -154,7 +160,8 @@ def test_the_vision_tower_and_decoder_run_once_per_call(tiny_model_dir):
     hf, batch = load(tiny_model_dir, "qwen2_vl")
     seen = {"videos": [], "rows": []}
     hooks = [hf.model.visual.register_forward_pre_hook(
-                 lambda module, args, kwargs: seen["videos"].append(len(kwargs["grid_thw"])), with_kwargs=True),
+                 lambda module, args, kwargs: seen["videos"].append(len(kwargs["grid_thw"])),
+                 with_kwargs=True),
              hf.model.language_model.register_forward_pre_hook(
                  lambda module, args, kwargs: seen["rows"].append(kwargs["inputs_embeds"].shape[:2]),
                  with_kwargs=True)]

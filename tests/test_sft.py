@@ -33,7 +33,8 @@ def test_loss_falls_and_held_out_loss_is_logged(tiny_model_dir, tmp_path):
     path = tiny_model_dir("qwen2_vl")
     val = tmp_path / "val.jsonl"
     records = [json.loads(line) for line in open(f"{ROOT}/tests/data/train.jsonl")][:2]
-    val.write_text("".join(json.dumps({**r, "video": f"{ROOT}/tests/data/{r['video']}"}) + "\n" for r in records))
+    val.write_text("".join(json.dumps({**r, "video": f"{ROOT}/tests/data/{r['video']}"}) + "\n"
+                           for r in records))
     sft.train(sft_cfg(path, tmp_path, "sft.steps=20", "sft.lr=3e-3", "sft.export=false", "sft.eval_every=10",
                       f"data.val={val}"))
     loss = logged(tmp_path)
@@ -58,8 +59,9 @@ def test_the_export_is_a_model_for_grpo_and_evaluate(tiny_model_dir, tmp_path):
     path = tiny_model_dir("qwen2_5_vl")
     sft.train(sft_cfg(path, tmp_path / "sft", "sft.steps=1", "sft.target=caption"))
     export = str(tmp_path / "sft/export")
-    grpo = subprocess.run([sys.executable, "grpo.py", "demo.yaml", f"model.path={export}", "train.warm_start=false",
-                           f"train.out_dir={tmp_path}/grpo", "train.steps=1", "train.prompts_per_rank=1",
+    grpo = subprocess.run([sys.executable, "grpo.py", "demo.yaml", f"model.path={export}",
+                           "train.warm_start=false", f"train.out_dir={tmp_path}/grpo", "train.steps=1",
+                           "train.prompts_per_rank=1",
                            "sampling.max_new_tokens=8", "train.export=false"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert grpo.returncode == 0, grpo.stderr[-3000:]
@@ -72,8 +74,8 @@ def test_the_export_is_a_model_for_grpo_and_evaluate(tiny_model_dir, tmp_path):
                                                         "reference": "A red square moves right."}]}]}) + "\n")
     os.symlink(f"{ROOT}/tests/data/red_square_right.mp4", tmp_path / "1.mp4")
     ev = subprocess.run([sys.executable, "evaluate.py", "demo.yaml", f"eval.annotations={annotations}",
-                         f"eval.video_dir={tmp_path}", f"eval.model={export}", f"eval.out_dir={tmp_path}/eval",
-                         "eval.baseline=",
+                         f"eval.video_dir={tmp_path}", f"eval.model={export}",
+                         f"eval.out_dir={tmp_path}/eval", "eval.baseline=",
                          "eval.max_new_tokens=8", "eval.think=false", "eval.max_frames=4"],
                         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert ev.returncode == 0, ev.stderr[-3000:]
@@ -82,8 +84,8 @@ def test_the_export_is_a_model_for_grpo_and_evaluate(tiny_model_dir, tmp_path):
 
 
 def test_targets(tiny_tokenizer):
-    record = data.Record("r", "v.mp4", "A man waves.", [{"name": "man", "attributes": [], "actions": ["waves"]}],
-                         None)
+    record = data.Record("r", "v.mp4", "A man waves.",
+                         [{"name": "man", "attributes": [], "actions": ["waves"]}], None)
     assert sft.target_text(record, "caption") == "A man waves."
     think = sft.target_text(record, "think")
     assert rewards.parse_output(think).error is None and think.endswith("<answer>A man waves.</answer>")
@@ -96,7 +98,8 @@ def test_think_target_needs_subjects_and_bad_settings_fail(tiny_model_dir, tmp_p
     bare = tmp_path / "bare.jsonl"
     bare.write_text(json.dumps({"video": f"{ROOT}/tests/data/red_square_right.mp4", "caption": "x"}) + "\n")
     with pytest.raises(data.DataError, match=r"bare.jsonl:1: no 'subjects' .*which sft.target=think needs"):
-        sft.train(sft_cfg(tiny_model_dir("qwen2_vl"), tmp_path, f"data.train={bare}", "sft.prompts_per_rank=1"))
+        sft.train(sft_cfg(tiny_model_dir("qwen2_vl"), tmp_path, f"data.train={bare}",
+                          "sft.prompts_per_rank=1"))
     for override, message in [("sft.target=both", "sft.target must be one of"),
                               ("sft.grad_clip=-1", "sft.grad_clip must be >= 0"),
                               ("sft.eval_every=5", "needs data.val")]:

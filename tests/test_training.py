@@ -86,7 +86,8 @@ def test_checkpoints_complete_only_and_fallback(tiny_model_dir, tmp_path, world_
     assert "do not load" in capsys.readouterr().out
 
 
-def test_the_rate_is_a_function_of_the_step_and_old_checkpoints_resume(tiny_model_dir, tmp_path, world_of_one):
+def test_the_rate_is_a_function_of_the_step_and_old_checkpoints_resume(tiny_model_dir, tmp_path,
+                                                                        world_of_one):
     """set_lr gives, step by step, the rates torch's LambdaLR gives over the same factor; a checkpoint written
     while a LambdaLR set the rate (its state in the rank file) resumes, and the
     rate of its step is set from the step alone."""
@@ -128,7 +129,8 @@ def test_a_planted_pickle_is_refused(tiny_model_dir, tmp_path, world_of_one, mon
 DISK_FULL = """
 import sys, torch, checkpoint, config, training
 rank, world, device, mesh = training.init_distributed()
-policy, _, _ = training.load_policy(config.ModelConfig(path=sys.argv[1], gradient_checkpointing=False), device, mesh)
+policy, _, _ = training.load_policy(config.ModelConfig(path=sys.argv[1], gradient_checkpointing=False),
+                                    device, mesh)
 optimizer = training.make_optimizer(policy, config.TrainConfig(steps=1))
 try:
     checkpoint.save_checkpoint(sys.argv[2], 1, policy, optimizer, {"step": 1}, 0, keep=2)
@@ -143,8 +145,8 @@ def test_a_full_disk_is_named_and_keeps_the_older_checkpoint(tiny_model_dir, tmp
     (ckpt / "step-000000").mkdir(parents=True)
     (ckpt / "step-000000" / "meta.json").write_text('{"step": 0, "world": 1}')
     # ulimit -f: a file may not grow past 64 KiB, so the model shards cannot be written (EFBIG)
-    proc = subprocess.run(["bash", "-c", f'ulimit -f 64; exec "{sys.executable}" -c "$0" "$1" "$2"', DISK_FULL,
-                           path, str(ckpt)], capture_output=True, text=True, timeout=120, cwd=ROOT,
+    proc = subprocess.run(["bash", "-c", f'ulimit -f 64; exec "{sys.executable}" -c "$0" "$1" "$2"',
+                           DISK_FULL, path, str(ckpt)], capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert "CAUGHT cannot write the checkpoint" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     assert "(disk full or not writable?)" in proc.stdout and "older checkpoints" in proc.stdout
@@ -159,7 +161,8 @@ def test_the_export_carries_the_source_folders_other_files(tiny_model_dir, tmp_p
              "video_preprocessor_config.json": '{"video_processor_type": "Qwen2VLVideoProcessor"}',
              "chat_template.json": json.dumps({"chat_template": template}), "README.md": "# a model card",
              "pytorch_model.bin": "old weights",
-             "model.safetensors.index.json": json.dumps({"weight_map": {"lm_head.weight": "model.safetensors"}})}
+             "model.safetensors.index.json":
+                 json.dumps({"weight_map": {"lm_head.weight": "model.safetensors"}})}
     for name, text in extra.items():
         (source / name).write_text(text)
     policy, tokenizer, optimizer = tiny_policy(str(source), world_of_one)
@@ -212,13 +215,15 @@ def test_text_chart_and_side_by_side():
 
 
 def test_dtypes_follow_the_device_that_computes(tiny_model_dir, world_of_one):
-    """model.dtype resolves against the device that computes, never the CPU the weights are read on: on GPU the
-    policy holds fp32 and computes in bf16, the reference holds and computes in bf16. Checked on CPU through
-    the pure function, then with model.dtype=bfloat16 on a real load (mixed precision under FSDP2 on gloo)."""
+    """model.dtype resolves against the device that computes, never the CPU the weights are read on: on GPU
+    the policy holds fp32 and computes in bf16, the reference holds and computes in bf16. Checked on CPU
+    through the pure function, then with model.dtype=bfloat16 on a real load (mixed precision under FSDP2 on
+    gloo)."""
     f32, bf16 = torch.float32, torch.bfloat16
     assert training.precision("auto", "cuda", train=True) == (f32, bf16)
     assert training.precision("auto", "cuda", train=False) == (bf16, bf16)
-    assert training.precision("auto", "cpu", train=True) == training.precision("auto", "cpu", train=False) == (f32, f32)
+    assert (training.precision("auto", "cpu", train=True) == training.precision("auto", "cpu", train=False)
+            == (f32, f32))
     assert training.precision("float16", "cuda", train=False) == (torch.float16, torch.float16)
     assert training.precision("float32", "cuda", train=False) == (f32, f32)
     import multinode_worker
@@ -226,8 +231,10 @@ def test_dtypes_follow_the_device_that_computes(tiny_model_dir, world_of_one):
     cfg = config.load_config(None, [f"model.path={path}", "model.dtype=bfloat16", "data.max_pixels=12544"])
     policy, tokenizer, kind = training.load_policy(cfg.model, torch.device("cpu"), world_of_one)
     ref = training.load_policy(cfg.model, torch.device("cpu"), world_of_one, train=False)[0]
-    assert {p.dtype for p in policy.parameters()} == {f32} and policy._get_fsdp_state()._mp_policy.param_dtype == bf16
-    assert {p.dtype for p in ref.parameters()} == {bf16} and ref._get_fsdp_state()._mp_policy.param_dtype is None
+    assert {p.dtype for p in policy.parameters()} == {f32}
+    assert policy._get_fsdp_state()._mp_policy.param_dtype == bf16
+    assert {p.dtype for p in ref.parameters()} == {bf16}
+    assert ref._get_fsdp_state()._mp_policy.param_dtype is None
     for model_ in (policy, ref):
         assert torch.isfinite(multinode_worker.forward_logp(model_, tokenizer, kind, cfg)).all()
 
@@ -247,10 +254,12 @@ def tied_and_split(src, folder, kind):
 
 
 @pytest.mark.parametrize("kind", model.KINDS)
-def test_load_policy_streams_the_weights_as_from_pretrained_reads_them(kind, tiny_model_dir, tmp_path, world_of_one):
-    """load_policy (every rank on the meta device, rank 0 streaming the safetensors files tensor by tensor) gives
-    the parameters and buffers transformers' from_pretrained gives, for the tiny model as saved (one file, the
-    released layout's names) and for a tied, split one (an index over several files, lm_head stored once)."""
+def test_load_policy_streams_the_weights_as_from_pretrained_reads_them(kind, tiny_model_dir, tmp_path,
+                                                                        world_of_one):
+    """load_policy (every rank on the meta device, rank 0 streaming the safetensors files tensor by tensor)
+    gives the parameters and buffers transformers' from_pretrained gives, for the tiny model as saved (one
+    file, the released layout's names) and for a tied, split one (an index over several files, lm_head stored
+    once)."""
     for folder in (tiny_model_dir(kind), tied_and_split(tiny_model_dir(kind), tmp_path / "tied", kind)):
         want, _ = model.load_model(folder, config.ModelConfig(), "cpu", train=False, dtype=torch.float32)
         cfg = config.ModelConfig(path=folder, gradient_checkpointing=False)
@@ -299,8 +308,10 @@ def test_load_policy_refuses_weights_that_do_not_fit_the_config(tiny_model_dir, 
     vocab = settings["text_config"]["vocab_size"]
     settings["text_config"]["vocab_size"] = vocab + 8
     (folder / "config.json").write_text(json.dumps(settings))
-    with pytest.raises(model.ModelError, match=r"does not match its config.json: model.language_model.embed_tokens"
-                                               rf".weight \[{vocab}, 64\] where the model has \[{vocab + 8}, 64\]"):
+    with pytest.raises(model.ModelError, match=r"does not match its config.json: "
+                                               r"model.language_model.embed_tokens"
+                                               rf".weight \[{vocab}, 64\] where the model has "
+                                               rf"\[{vocab + 8}, 64\]"):
         training.load_policy(cfg, torch.device("cpu"), world_of_one)
 
 
