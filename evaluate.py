@@ -32,7 +32,6 @@ import json
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -92,26 +91,6 @@ def merge(pred_path):
 # ----------------------------------------------------------------------------- captioning
 
 
-def init_distributed():
-    """torchrun's process group (nccl on GPU, gloo on CPU), or a world of one without one."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    # ranks caption independently; the only collectives are barriers that wait for the slowest rank's
-    # whole share of the benchmark, hence a timeout far above the 30-minute default
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=48),
-                            **({"device_id": device} if cuda else {}))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def instruction_for(prompt, think):
     """The caption request: the prompt, then (eval.think) the think/answer instruction, whose own
     first line replaces it when that line is the detailed prompt."""
@@ -128,8 +107,7 @@ def caption_batch(items, hf, kind, tokenizer, cfg, think, device, generator):
     import model as model_lib  # transformers loads only when captioning
     e = cfg.eval
     data_cfg = dataclasses.replace(cfg.data, max_frames=e.max_frames)
-    end_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[1]
+    tokens = model_lib.Tokens.of(tokenizer)
     prompts, ok, records = [], [], []
     for it in items:
         base = {"id": it.id, "section": it.section, "video": it.video,
@@ -146,14 +124,11 @@ def caption_batch(items, hf, kind, tokenizer, cfg, think, device, generator):
             # a prompt over data.max_prompt_tokens: a setting to change, not a video
             raise EvalError(str(err)) from None
     if ok:
-        collated = data.collate(prompts, pad_id)
+        collated = data.collate(prompts, tokens.pad_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collated.items()}
-        roll = model_lib.generate(hf, batch, 1, e.max_new_tokens, e.temperature, 1.0, end_ids, pad_id,
-                                  generator=generator)
-        lengths = roll.lengths.tolist()
-        texts = tokenizer.batch_decode([ids[:n] for ids, n in zip(roll.ids.tolist(), lengths)],
-                                       skip_special_tokens=True)
-        for base, text, n, ended in zip(ok, texts, lengths, roll.ended.tolist()):
+        roll = model_lib.generate(hf, batch, 1, e.max_new_tokens, e.temperature, 1.0, tokens.eos_ids,
+                                  tokens.pad_id, generator=generator)
+        for base, text, n, ended in zip(ok, tokens.decode(roll), roll.lengths.tolist(), roll.ended.tolist()):
             records.append({**base, "output": text, "answer": benchmarks.answer_text(text), "failed": None,
                             "tokens": n, "truncated": not ended, "settings": settings(cfg)})
     return records
@@ -376,8 +351,10 @@ def evaluate(cfg):
     if os.path.isfile(pred_path) and (fmt := benchmarks.official_format(pred_path)):
         raise EvalError(f"{pred_path} holds {fmt}'s captions: score them with eval.score_only=true, or "
                         "caption into another eval.predictions")
-    rank, world, device = init_distributed()
-    try:
+    import training  # transformers loads only when captioning
+    # ranks caption independently; the only collectives are barriers that wait for the slowest rank's whole
+    # share of the benchmark, hence a timeout far above the 30-minute default
+    with training.process_group("evaluate.py", timeout=48 * 3600) as (rank, world, device, _):
         if rank == 0:
             os.makedirs(os.path.dirname(os.path.abspath(pred_path)), exist_ok=True)
             os.makedirs(e.out_dir, exist_ok=True)
@@ -388,19 +365,16 @@ def evaluate(cfg):
                                              .read_text().strip()) if cfg.model.tiny_vocab else ()
                 model_lib.build_configured(cfg.model, cfg.seed, texts)
             merge(pred_path)  # leftovers of an interrupted run
-        barrier()
+        dist.barrier()
         start = time.perf_counter()
         caption(cfg, items, pred_path, rank, world, device)
-        barrier()
+        dist.barrier()
         if rank != 0:
             return None
         n = merge(pred_path)
         seconds = time.perf_counter() - start
         print(f"captioned {n} items in {seconds:.1f} s ({n / seconds:.3f} items/s over {world} ranks) "
               f"-> {pred_path}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return score(cfg, items, everything, pred_path)
 
 

@@ -336,7 +336,8 @@ def train(cfg, reward_fn=None):
     `reward_fn(texts, records, rollout) -> (reward (N,), parts, stats)` replaces the configured reward
     (tests use a toy one). Returns the last metrics."""
     config_lib.check_program(cfg, "grpo.py")
-    with training.process_group("grpo.py", cfg.train) as (rank, world, device, mesh):
+    t = cfg.train
+    with training.process_group("grpo.py", t.collective_timeout, t.replicate) as (rank, world, device, mesh):
         if cfg.train.warm_start:
             cfg = warm_start(cfg, rank, world, device, mesh)
         return run(cfg, reward_fn, rank, world, device, mesh)

@@ -111,7 +111,8 @@ def heldout_loss(policy, prompts, tokenizer, cfg, device):
 def train(cfg):
     """The whole supervised run, its settings checked, in its own process group. Returns the last metrics."""
     config_lib.check_program(cfg, "sft.py")
-    with training.process_group("sft.py", cfg.sft) as (rank, world, device, mesh):
+    s = cfg.sft
+    with training.process_group("sft.py", s.collective_timeout, s.replicate) as (rank, world, device, mesh):
         return run(cfg, rank, world, device, mesh)
 
 

@@ -2,7 +2,7 @@
 wrapping and the streamed loading of the model, AdamW and its learning rate as a function of the step, and
 metric logging with the summary's charts. The checkpoints are checkpoint.py's.
 
-    with process_group("grpo.py", cfg.train) as (rank, world, device, mesh):   # FSDP, or HSDP across nodes
+    with process_group("grpo.py", timeout, replicate) as (rank, world, device, mesh):  # FSDP, or HSDP
         policy, tokenizer, kind = load_policy(cfg.model, device, mesh)    # fp32 master weights, bf16 compute
         optimizer = make_optimizer(policy, cfg.train)                      # cfg.train or cfg.sft: a RunConfig
         for step in ...:
@@ -102,12 +102,12 @@ def one_line_errors(program):
 
 
 @contextlib.contextmanager
-def process_group(program, run):
-    """The process group of a run (init_distributed with run.collective_timeout and run.replicate), as
-    (rank, world, device, mesh), destroyed at the end. On an error every rank ends, the others at their next
+def process_group(program, timeout, replicate=1):
+    """The process group of a program (init_distributed(timeout, replicate)), as (rank, world, device,
+    mesh), destroyed at the end. On an error every rank ends, the others at their next
     collective or their timeout, instead of hanging: a USER_ERRORS error prints "program: message" (once per
     rank that raised it), anything else its traceback; with one process the error is raised to the caller."""
-    rank, world, device, mesh = init_distributed(run.collective_timeout, run.replicate)
+    rank, world, device, mesh = init_distributed(timeout, replicate)
     try:
         yield rank, world, device, mesh
     except BaseException as e:
