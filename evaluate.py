@@ -200,9 +200,13 @@ def score_structure(items, outputs, think_cfg):
     (rewards.format_score) and the mean Tscore where the annotations carry subjects (the demo's held-out
     clips do, in extra_info.subjects; the official benchmarks do not). Figures are None without outputs."""
     parsed = [(it, rewards.parse_output(o)) for it, o in zip(items, outputs) if o is not None]
-    think = [rewards.think_score(p, it.subjects, think_cfg)[0] for it, p in parsed if it.subjects is not None]
+    annotated = [(it, p) for it, p in parsed if it.subjects is not None]
+    think = [rewards.think_score(p, it.subjects, think_cfg)[0] for it, p in annotated]
+    named = sum(rewards.subjects_named(p, it.subjects) for it, p in annotated)
+    subjects = sum(len(it.subjects) for it, _ in annotated)
     return {"outputs": len(parsed), "format": scoring.mean([rewards.format_score(p) for _, p in parsed]),
-            "think": scoring.mean(think), "think_outputs": len(think)}
+            "think": scoring.mean(think), "think_outputs": len(think),
+            "named": named / subjects if subjects else None, "subjects": subjects}
 
 
 def score(cfg, items, everything, pred_path):
@@ -225,7 +229,7 @@ def score(cfg, items, everything, pred_path):
         "benchmark": e.benchmark, "annotations": e.annotations, "predictions": pred_path,
         "model": ", ".join(models) or "unknown (predictions made elsewhere)",
         "sections": e.vdc_sections if e.benchmark == "vdc" else None,
-        "judge": {"model": judge.describe() if cfg.judge.url == "lexical" else cfg.judge.model,
+        "judge": {"model": judge.describe() if cfg.judge.url in ("lexical", "world") else cfg.judge.model,
                   "url": cfg.judge.url, "malformed_retries": e.malformed_retries,
                   "tasks_per_video": judge.stats["tasks"] / max(videos, 1), "stats": judge.stats},
         "videos": {"total": videos, "items": len(items), "caption_failed": sum(a is None for a in answers),
@@ -278,7 +282,8 @@ def markdown(results):
     if s := results.get("structure"):
         lines.append(f"- structured thinking: {_pct(s['format'])}% of {s['outputs']} outputs in the "
                      f"<think>/<answer> format; Tscore {_pct(s['think'], 1, 3)} over the "
-                     f"{s['think_outputs']} with annotated subjects")
+                     f"{s['think_outputs']} with annotated subjects, which name {_pct(s.get('named'))}% of "
+                     f"their {s.get('subjects', 0)} subjects (every word of the subject's name)")
     lines.append("")
     if b == "vdc":
         lines += [f"Sections run: {', '.join(results['sections'])}", "", *_vdc_table(results["metrics"])]
@@ -307,7 +312,8 @@ def headline(results):
         out = {f"{name} {k} (%)": (table["overall"][k], 100) for name, table in m.items()
                for k in ("f1", "precision", "recall")}
     if s := results.get("structure"):
-        out.update({"<think>/<answer> format (%)": (s["format"], 100), "Tscore (0-1)": (s["think"], 1)})
+        out.update({"<think>/<answer> format (%)": (s["format"], 100), "Tscore (0-1)": (s["think"], 1),
+                    "subjects named (%)": (s.get("named"), 100)})
     return out
 
 

@@ -39,6 +39,8 @@ from typing import Callable
 
 import requests
 
+import world
+
 MAX_JSON = 64 * 1024   # longest think block or judge reply decoded; real ones are < 8 KB
 MAX_DEPTH = 32         # deepest nesting decoded; the think schema needs 3
 LABELS = ("entailment", "neutral", "contradiction")
@@ -357,6 +359,25 @@ class LexicalJudge(_Judge):
         return [t.parse(t.lexical(t.fields)) for t in tasks]
 
 
+class WorldJudge(LexicalJudge):
+    """Answers the tasks about events (extract_events, entail, rate_cn) exactly for sentences of the
+    procedural world's grammar (world.py), from its facts; a sentence outside it is neutral. Other tasks
+    (the data preparation's subjects, CaReBench's objects, VDC's questions) get the lexical judge's answer.
+    Not an LLM: a stand-in whose verdicts are right by construction on the world's clips."""
+
+    def __init__(self):
+        _Judge.__init__(self)
+        print("=" * 72 + "\nJUDGE: the world's grammar (world.py), NOT an LLM: exact for the procedural\n"
+              "world's sentences, neutral on any other.\n" + "=" * 72, file=sys.stderr)
+
+    def describe(self):
+        return "world (the procedural world's grammar, not an LLM)"
+
+    def ask(self, tasks):
+        self.stats["tasks"] += len(tasks)
+        return [t.parse(world.ANSWERS.get(t.name, t.lexical)(t.fields)) for t in tasks]
+
+
 def _feedback(messages, reply, error, cut):
     """The re-ask of a malformed reply: the question, the reply, and what was wrong with it."""
     why = f"{error}; it was cut off at the length limit, so answer more briefly" if cut else error
@@ -567,10 +588,13 @@ class HTTPJudge(_Judge):
 
 
 def make_judge(cfg, feedback=True):
-    """cfg: JudgeConfig -> LexicalJudge (url "lexical") or a health-checked HTTPJudge; feedback:
-    re-ask a malformed reply with its parse error (training) or identically (evaluation)."""
+    """cfg: JudgeConfig -> LexicalJudge (url "lexical"), WorldJudge (url "world") or a health-checked
+    HTTPJudge; feedback: re-ask a malformed reply with its parse error (training) or identically
+    (evaluation)."""
     if cfg.url == "lexical":
         return LexicalJudge()
+    if cfg.url == "world":
+        return WorldJudge()
     judge = HTTPJudge(cfg, feedback)
     if cfg.health_check:
         judge.health_check()
