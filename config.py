@@ -85,6 +85,7 @@ class ModelConfig:
     tiny_vocab: int = setting(0, non_negative)
     tiny_hidden: int = setting(64, multiple_of_64)
     tiny_layers: int = setting(2, positive)
+    tiny_init_std: float = setting(0.2, positive)
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = True

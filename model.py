@@ -115,8 +115,9 @@ def build_tokenizer(path, texts=(), vocab_size=0):
     return tok
 
 
-def build_tiny(path, kind, seed=0, texts=(), vocab_size=0, hidden=64, layers=2):
-    """Write a random tiny `kind` model (hidden 64, 2 layers, vision depth 2 by default) and its tokenizer
+def build_tiny(path, kind, seed=0, texts=(), vocab_size=0, hidden=64, layers=2, init_std=0.2):
+    """Write a random tiny `kind` model (hidden 64, 2 layers, vision depth 2 by default, weights of std
+    `init_std`) and its tokenizer
     (build_tokenizer: bytes, or BPE learned from `texts`) to `path`.
     They are written into a temporary folder beside `path`, renamed when complete: an interrupted build
     leaves nothing that looks like a model, and of two builds at once the first to finish is kept."""
@@ -126,7 +127,7 @@ def build_tiny(path, kind, seed=0, texts=(), vocab_size=0, hidden=64, layers=2):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(path)) + ".tmp-", dir=parent)
     try:
-        _write_tiny(tmp, kind, seed, texts, vocab_size, hidden, layers)
+        _write_tiny(tmp, kind, seed, texts, vocab_size, hidden, layers, init_std)
         try:
             os.rename(tmp, path)
         except OSError:
@@ -140,10 +141,10 @@ def build_configured(model_cfg, seed=0, texts=()):
     """build_tiny at model.path with model.build_tiny's kind and the model.tiny_* sizes, its BPE tokenizer
     (model.tiny_vocab) learned from `texts` (data.tokenizer_texts); what every program builds alike."""
     m = model_cfg
-    build_tiny(m.path, m.build_tiny, seed, texts, m.tiny_vocab, m.tiny_hidden, m.tiny_layers)
+    build_tiny(m.path, m.build_tiny, seed, texts, m.tiny_vocab, m.tiny_hidden, m.tiny_layers, m.tiny_init_std)
 
 
-def _write_tiny(path, kind, seed, texts=(), vocab_size=0, hidden=64, layers=2):
+def _write_tiny(path, kind, seed, texts=(), vocab_size=0, hidden=64, layers=2, init_std=0.2):
     from transformers import AutoConfig, GenerationConfig
     tok = build_tokenizer(path, texts, vocab_size)
     head = hidden // 4
@@ -162,11 +163,11 @@ def _write_tiny(path, kind, seed, texts=(), vocab_size=0, hidden=64, layers=2):
     else:  # window attention in block 0, full attention in block 1, as the 7B alternates them
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
                       fullatt_block_indexes=[1], tokens_per_second=2)
-    # init std 0.2 rather than 0.02: the default gives near-uniform logits and the same greedy text for
-    # every video, which would make the tests' comparisons between rows and prompts toothless
-    text["initializer_range"] = vision["initializer_range"] = 0.2
+    # init std 0.2 by default rather than transformers' 0.02: 0.02 gives near-uniform logits and the same
+    # greedy text for every video, which would make the tests' comparisons between rows and prompts toothless
+    text["initializer_range"] = vision["initializer_range"] = init_std
     config = AutoConfig.for_model(
-        kind, text_config=text, vision_config=vision, tie_word_embeddings=False, initializer_range=0.2,
+        kind, text_config=text, vision_config=vision, tie_word_embeddings=False, initializer_range=init_std,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(seed)
