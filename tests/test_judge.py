@@ -83,7 +83,7 @@ def test_400_is_not_retried_and_says_why(judge, judge_server, capsys):
     assert judge.extract_events([CAPTION]) == [None]
     assert judge_server.requests == 1 and judge.stats["failures"] == 1
     assert "HTTP 400" in judge.last_error and "told to fail with 400" in judge.last_error
-    assert "1 of 1 requests failed" in capsys.readouterr().err
+    assert "judge: 1 of 1 tasks failed (1 HTTP request); last: " in capsys.readouterr().err
 
 
 def test_each_thread_sees_why_its_own_request_failed(judge, judge_server):
@@ -258,7 +258,8 @@ def test_401_says_whether_a_key_was_sent(judge_cfg, judge_server, monkeypatch):
 def test_a_reply_cut_at_max_tokens_says_so(judge, judge_server):
     judge_server.fail("length", "length", "length")
     assert judge.entail([(CAPTION, EVENTS)]) == [None]
-    assert "truncated at judge.max_tokens=1024: raise it" in judge.last_error
+    assert "truncated at max_tokens=1024: raise judge.max_tokens, or eval.judge_max_tokens" in \
+        judge.last_error
     assert "cut off at the length limit" in judge_server.bodies[-1]["messages"][-1]["content"]
 
 
@@ -298,9 +299,9 @@ def test_failures_are_counted_per_call(judge_cfg, judge_server, capsys):
     assert judge.extract_events(["A quick man fails."]) == [None]  # fails while the two slow ones wait
     release.set()
     slow.join()
-    lines = [x for x in capsys.readouterr().err.splitlines() if "requests failed" in x]
-    assert sorted(x.split(";")[0] for x in lines) == ["judge: 1 of 1 requests failed",
-                                                      "judge: 1 of 2 requests failed"]
+    lines = [x for x in capsys.readouterr().err.splitlines() if "tasks failed" in x]
+    assert sorted(x.split(";")[0] for x in lines) == ["judge: 1 of 1 tasks failed (1 HTTP request)",
+                                                      "judge: 1 of 2 tasks failed (2 HTTP requests)"]
     assert judge.stats["failures"] == 2
 
 
