@@ -435,8 +435,9 @@ def server_wait(headers) -> float | None:
     >>> server_wait({"llm_provider-retry-after": "60"}), server_wait({"retry-after-ms": "1500"})
     (60.0, 1.5)
     """
+    named = {k.lower(): v for k, v in headers.items()}
     for name in RETRY_AFTER:
-        value = (headers.get(name) or "").strip()
+        value = (named.get(name) or "").strip()
         try:
             seconds = float(value) / (1000 if name.endswith("-ms") else 1)
         except ValueError:
