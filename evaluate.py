@@ -278,14 +278,15 @@ def markdown(results):
     b, judge, pub = results["benchmark"], results["judge"], results["published"]
     lines = [f"# {b}: {results['model']}", "",
              f"- judge: {judge['model']}, judge.url={judge['url']} "
-             f"({judge['tasks_per_video']:.1f} tasks per video, {judge['stats']['failures']} failed); replies "
-             f"read by the {judge['reply_parsing']} rules, temperature {_setting(judge['temperature'])}, "
-             f"max_tokens {_setting(judge['max_tokens'])}",
+             f"({judge['tasks_per_video']:.1f} tasks per video, {judge['stats']['failures']} failed); "
+             f"replies read by the {judge['reply_parsing']} rules, temperature "
+             f"{_setting(judge['temperature'])}, max_tokens {_setting(judge['max_tokens'])}",
              f"- videos: {results['videos']['total']} ({results['videos']['items']} captions), "
              f"{results['videos']['caption_failed']} captions failed or missing",
              f"- predictions: {results['predictions']}; annotations: {results['annotations']}"]
     if (s := results.get("structure")) and not s["outputs"]:
-        lines.append("- structured thinking: not measured (the predictions hold answers only, no raw outputs)")
+        lines.append("- structured thinking: not measured (the predictions hold answers only, no raw "
+                     "outputs)")
     elif s:
         lines.append(f"- structured thinking: {_pct(s['format'])}% of {s['outputs']} outputs in the "
                      f"<think>/<answer> format; Tscore {_pct(s['think'], 1, 3)} over the "
@@ -374,7 +375,7 @@ def evaluate(cfg):
                 import model as model_lib  # the demo's tiny random model, as grpo.py builds it
                 texts = data.tokenizer_texts(data.load_records(cfg.data.train), Path(cfg.data.prompt_file)
                                              .read_text().strip()) if cfg.model.tiny_vocab else ()
-                model_lib.build_configured(cfg.model, cfg.seed, texts)
+                model_lib.build_configured(cfg.model, cfg.data, cfg.seed, texts)
             merge(pred_path)  # leftovers of an interrupted run
         dist.barrier()
         start = time.perf_counter()

@@ -383,7 +383,7 @@ def run(cfg, reward_fn, rank, world, device, mesh):
     checkpoint.check_shared(os.path.join(t.out_dir, "checkpoints"))
 
     # model: the policy (fp32 master weights, bf16 compute on GPU) and the frozen reference (bf16 on GPU)
-    training.ensure_model(cfg.model, cfg.seed, data.tokenizer_texts(records, instruction))
+    training.ensure_model(cfg.model, cfg.data, cfg.seed, data.tokenizer_texts(records, instruction))
     policy, tokenizer, model_type = training.load_policy(cfg.model, device, mesh)
     ref = training.load_policy(cfg.model, device, mesh, train=False, offload=t.ref_offload)[0] \
         if t.beta > 0 else None  # with beta == 0 the reference is never loaded

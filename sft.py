@@ -133,7 +133,7 @@ def run(cfg, rank, world, device, mesh):
 
     # on a disk every node reaches? Checked before any load
     checkpoint.check_shared(os.path.join(s.out_dir, "checkpoints"))
-    training.ensure_model(cfg.model, cfg.seed, data.tokenizer_texts(records, instruction))
+    training.ensure_model(cfg.model, cfg.data, cfg.seed, data.tokenizer_texts(records, instruction))
     policy, tokenizer, model_type = training.load_policy(cfg.model, device, mesh)
     vision_cfg = policy.hf.config.vision_config
 

@@ -936,3 +936,122 @@ def test_a_group_with_p_and_r_zero_has_f1_zero_where_the_official_gives_nan():
     items = [Item("a", "", "g", "")]
     table = scoring.aggregate_pr(items, ["x"], [{"precision": 0.0, "recall": 0.0}])
     assert table["groups"]["g"]["f1"] == 0.0 and table["overall"]["f1"] == 0.0
+
+
+# ----------------------------------------------------------------------------- the model folder, transformers
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    """The demo's tiny model (demo.yaml's model: and data: sections, BPE from the shipped texts), built as
+    grpo.py builds it; its export copies these files (checkpoint.export_hf)."""
+    import data
+    import model
+    folder = tmp_path_factory.mktemp("demo")
+    cfg = load_config(os.path.join(REPO, "demo.yaml"), [f"model.path={folder / 'tiny'}"])
+    records = data.load_records(os.path.join(REPO, cfg.data.train))
+    instruction = open(os.path.join(REPO, cfg.data.prompt_file)).read().strip()
+    model.build_configured(cfg.model, cfg.data, cfg.seed, data.tokenizer_texts(records, instruction))
+    return cfg, str(folder / "tiny")
+
+
+def test_the_tiny_model_folder_is_complete(demo_folder):
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    cfg, folder = demo_folder
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
+            "video_preprocessor_config.json"} <= set(os.listdir(folder))
+    image = json.load(open(os.path.join(folder, "preprocessor_config.json")))
+    video = json.load(open(os.path.join(folder, "video_preprocessor_config.json")))
+    # what AutoProcessor resolves: Qwen2VLProcessor, of Qwen2VLImageProcessor and Qwen2VLVideoProcessor
+    assert image["processor_class"] == video["processor_class"] == PROCESSOR_MAPPING_NAMES["qwen2_vl"]
+    assert image["image_processor_type"] in IMAGE_PROCESSOR_MAPPING_NAMES["qwen2_vl"].values()
+    assert video["video_processor_type"] == "Qwen2VLVideoProcessor"
+    # the demo's pixels (data.min_pixels 4*28*28, data.max_pixels 16*28*28 under video_max_pixels) and
+    # frames; data.total_pixels 90316800 = 0.9 * 128000 tokens of 28*28 pixels
+    assert (image["min_pixels"], image["max_pixels"]) == (3136, 12544) == \
+        (cfg.data.min_pixels, cfg.data.max_pixels)
+    assert video["size"] == {"shortest_edge": 3136, "longest_edge": 12544}
+    assert (video["fps"], video["min_frames"], video["max_frames"]) == (2.0, 4, 16)
+    assert video["max_video_tokens"] == 128000 and video["cap_pixels_per_frame"]
+    assert (video["patch_size"], video["temporal_patch_size"], video["merge_size"]) == (14, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def demo_caption(demo_folder, tmp_path_factory):
+    """python evaluate.py demo.yaml's caption of the first held-out clip (16 frames: 4 at 2 fps) by the
+    demo's model: its predictions.jsonl record."""
+    out = tmp_path_factory.mktemp("demo-eval")
+    evaluate.evaluate(load_config(os.path.join(REPO, "demo.yaml"), [
+        f"eval.model={demo_folder[1]}", "eval.baseline=''", f"eval.out_dir={out}", "eval.limit=1",
+        "eval.max_new_tokens=24", f"eval.annotations={CLIPS}/heldout/DREAM-1k.jsonl",
+        f"eval.video_dir={CLIPS}/heldout"]))
+    return json.loads(open(out / "predictions.jsonl").readline())
+
+
+def test_transformers_alone_captions_the_demo_model_as_evaluate_does(demo_folder, demo_caption):
+    """transformers' own tokenizer and chat template, its processor's rule for the video tokens and its
+    generate (greedy, the folder's generation config) against evaluate.py on a shipped clip. Not here:
+    AutoProcessor's video processor needs torchvision (test_autoprocessor_...); the pixels are data.py's,
+    which test_data checks against transformers' patchify. The clip has 2 temporal patches and 2x2
+    merged spatial ones: where the temporal ones outnumber the spatial, transformers 5.24 places the text
+    after the video elsewhere (test_model, test_rope_positions_follow_qwens_published_rule)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2VLProcessor
+    from types import SimpleNamespace
+    import data
+    cfg, folder = demo_folder
+    record = demo_caption
+    hf = AutoModelForImageTextToText.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": record["prompt"]}]}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    data_cfg = dataclasses.replace(cfg.data, max_frames=cfg.eval.max_frames)  # as evaluate.py captions
+    frames, _ = data.read_video(record["video"], data_cfg)
+    pixels, grid = data.video_to_patches(frames)
+    assert grid.tolist() == [2, 4, 4]
+    # the processor's own expansion of <|video_pad|> (grid t*h*w / merge**2) and modality ids
+    ids_of = tok.convert_tokens_to_ids
+    merge = hf.config.vision_config.spatial_merge_size
+    processor = SimpleNamespace(video_processor=SimpleNamespace(merge_size=merge),
+                                video_token="<|video_pad|>", image_token_ids=[ids_of("<|image_pad|>")],
+                                video_token_ids=[ids_of("<|video_pad|>")], audio_token_ids=[])
+    pads = Qwen2VLProcessor.replace_video_token(processor, {"video_grid_thw": grid[None]}, 0)
+    ids = tok(text.replace("<|video_pad|>", pads), return_tensors="pt", add_special_tokens=False)
+    mm = torch.tensor(Qwen2VLProcessor.create_mm_token_type_ids(processor, ids["input_ids"]))
+    with torch.no_grad():
+        generated = hf.generate(**ids, mm_token_type_ids=mm, pixel_values_videos=pixels,
+                                video_grid_thw=grid[None], do_sample=False, max_new_tokens=24)
+    caption = tok.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert caption == record["output"] and len(caption) > 10
+
+
+def test_autoprocessor_on_the_demo_model(demo_folder, demo_caption):
+    """AutoProcessor and its video processor, fed the frames data.py picks at the size data.py gives them
+    (do_resize=False: transformers' own frame sampling and uint8 resize differ from qwen-vl-utils'): the
+    inputs of data.encode, and evaluate.py's greedy caption. Its video processor needs torchvision (never
+    installed here: it would replace the CPU torch), so this runs only where torchvision is installed."""
+    pytest.importorskip("torchvision")
+    pytest.importorskip("PIL")
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import data
+    import model
+    cfg, folder = demo_folder
+    record = demo_caption
+    processor = AutoProcessor.from_pretrained(folder)
+    data_cfg = dataclasses.replace(cfg.data, max_frames=cfg.eval.max_frames)
+    frames, _ = data.read_video(record["video"], data_cfg)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": record["prompt"]}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], videos=[frames], do_sample_frames=False, do_resize=False,
+                       return_tensors="pt")
+    ours = data.encode(record["video"], record["prompt"], model.load_tokenizer(folder), data_cfg, "qwen2_vl")
+    assert torch.equal(inputs["input_ids"][0], ours["input_ids"])
+    assert torch.equal(inputs["video_grid_thw"], ours["video_grid_thw"])
+    torch.testing.assert_close(inputs["pixel_values_videos"], ours["pixel_values_videos"])
+    hf = AutoModelForImageTextToText.from_pretrained(folder)
+    with torch.no_grad():
+        generated = hf.generate(**inputs, do_sample=False, max_new_tokens=24)
+    assert processor.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True) == \
+        record["output"]
