@@ -18,8 +18,9 @@ What this file holds, in order:
 A new numeric key takes two edits: its field here, with its range, and its line in config.yaml, with its
 comment (tests/test_config.py checks both). Dotted `key=value` overrides on the command line are parsed
 as YAML scalars (so `train.lr=1e-6` is a float and `data.train=x.jsonl` a string). Unknown keys and wrong
-types stop with the closest valid name. `save_config` writes the resolved config into the run folder; it
-holds no secrets because the judge's API key is only ever named (`judge.api_key_env`), never stored.
+types stop with the closest valid name; a key typed `X | None` takes null. `save_config` writes the
+config it is given into the run folder: the programs give it judge.redacted_config(cfg), whose judge.url
+holds no credentials, and the judge's API key is only ever named (`judge.api_key_env`), never stored.
 """
 import dataclasses
 import difflib

@@ -8,8 +8,9 @@
 This file holds the judge tasks of the reward (extract_events, entail, rate_cn: their prompts, their
 reply parsers, the lexical judge's answers), the Task that every caller's judge step is, prompt
 rendering, lenient decoding of the JSON in a reply (decode_reply; rewards.py's think parser decodes
-with decode_json too), the two judges (HTTPJudge, LexicalJudge) and make_judge. It imports no other
-file of the project.
+with decode_json too), credentials in judge.url kept out of sight (redact_url, redacted_config,
+which the programs save and record), the two judges (HTTPJudge, LexicalJudge) and make_judge. It
+imports no other file of the project.
 
 Decisions where the paper is silent (docs/design.md, section 2):
 - A judge task that still fails after its retries gives None (the caller counts it; the reward gives

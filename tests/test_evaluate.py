@@ -159,6 +159,15 @@ class ScriptedJudge:
         return [self.tables[t.name][t.fields[keys[t.name]]] for t in tasks]
 
 
+def test_predictions_with_answers_only_say_the_structure_is_not_measured(tmp_path):
+    preds = write_jsonl(tmp_path / "answers.jsonl", [{"id": vid, "answer": pred} for vid, *_, pred in DREAM
+                                                     if pred is not None])
+    evaluate.evaluate(cfg_for(tmp_path, "dream1k", dream_tarsier(tmp_path), preds))
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "- structured thinking: not measured (the predictions hold answers only, no raw outputs)" in md
+    assert "n/a%" not in md and "replies read by the official rules, temperature not sent" in md
+
+
 def test_only_entailment_counts_and_failures_are_excluded():
     items = [Item("a", "a.mp4", "g", "p", reference="Ref A", events=["e1", "e2", "e3", "e4"]),
              Item("b", "b.mp4", "g", "p", reference="Ref B", events=["e1"]),

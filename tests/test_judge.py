@@ -446,3 +446,8 @@ def test_url_credentials_are_never_shown_or_stored(judge_cfg, judge_server, tmp_
     assert not [s for s in shown if password in s or "%2Fsecret" in s or basic[6:] in s]
     assert judge_lib.redact_url("http://u:p@h:1/v1?x=1") == "http://***@h:1/v1?x=1"
     assert judge_lib.redact_url("lexical") == "lexical"
+
+
+def test_a_reply_that_is_neither_json_nor_python_is_quoted():
+    with pytest.raises(ValueError, match=r"neither JSON nor a Python literal: '\{events: \[a man waves\]\}'"):
+        judge_lib.decode_reply("Sure: {events: [a man waves]}")
