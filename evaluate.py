@@ -354,7 +354,7 @@ def evaluate(cfg):
         return after
     everything = benchmarks.load_items(cfg)
     items = first_videos(everything, e.limit)
-    scoring.check_prompts(e.prompts)
+    scoring.check_eval(e)
     pred_path = predictions_file(e)
     if e.score_only:
         if int(os.environ.get("RANK", 0)):  # started by torchrun anyway: one scorer is enough

@@ -279,6 +279,14 @@ def check_prompts(prompts):
             raise EvalError(str(e)) from None
 
 
+def check_eval(e):
+    """The eval: settings of the judge steps (eval.reply_parsing, eval.prompts), before any work."""
+    if e.reply_parsing not in config_lib.REPLY_PARSING:
+        raise EvalError(f"eval.reply_parsing must be {' or '.join(config_lib.REPLY_PARSING)}, "
+                        f"got {e.reply_parsing!r}")
+    check_prompts(e.prompts)
+
+
 def make_judge(cfg):
     """judge.py's judge (HTTP or lexical) with eval.prompts as its replacement prompts,
     eval.malformed_retries (not judge.malformed_retries, training's) as its re-asks, each the
@@ -286,10 +294,7 @@ def make_judge(cfg):
     eval.judge_temperature / eval.judge_max_tokens (not judge.*) as its request settings: null, the
     default, sends neither, as the official scripts do, so the server's defaults apply."""
     e = cfg.eval
-    if e.reply_parsing not in config_lib.REPLY_PARSING:
-        raise EvalError(f"eval.reply_parsing must be {' or '.join(config_lib.REPLY_PARSING)}, "
-                        f"got {e.reply_parsing!r}")
-    check_prompts(e.prompts)
+    check_eval(e)
     judge_cfg = dataclasses.replace(cfg.judge, prompts=dict(e.prompts), malformed_retries=e.malformed_retries,
                                     temperature=e.judge_temperature, max_tokens=e.judge_max_tokens)
     return judge_lib.make_judge(judge_cfg, feedback=False)

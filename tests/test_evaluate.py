@@ -464,6 +464,9 @@ def test_predictions_and_prompts_are_checked(tmp_path):
         evaluate.evaluate(cfg_for(tmp_path, "dream1k", annotations, preds))
     cfg = cfg_for(tmp_path, "dream1k", annotations, predictions(tmp_path, [("v1", "", "x")]))
     (tmp_path / "grade.txt").write_text("Question {question}, answer {answer}")
+    with pytest.raises(EvalError, match="eval.reply_parsing must be official or tolerant, got 'lenient'"):
+        evaluate.evaluate(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, reply_parsing="lenient",
+                                                                            score_only=False)))
     for prompts, why in [({"grade": "x"}, "unknown judge step"),
                          ({"vdc_grade": str(tmp_path / "no.txt")}, "cannot"),
                          ({"vdc_grade": str(tmp_path / "grade.txt")},

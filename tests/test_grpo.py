@@ -251,7 +251,8 @@ def test_a_short_run_whose_judge_is_down_exits_non_zero_and_keeps_its_url_secret
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "run"
-    argv = [DEMO, f"model.path={tiny_model_dir('qwen2_vl')}", f"train.out_dir={out}", "train.warm_start=false",
+    argv = [DEMO, f"model.path={tiny_model_dir('qwen2_vl')}", f"train.out_dir={out}",
+            "train.warm_start=false",
             f"data.train={ROOT}/tests/data/train.jsonl", f"data.prompt_file={ROOT}/prompts/think.txt",
             "train.steps=4", "train.prompts_per_rank=1", "sampling.group_size=2", "sampling.max_new_tokens=8",
             "train.checkpoint_every=0", "train.sample_every=0", "reward.think_weight=0",

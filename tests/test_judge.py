@@ -343,7 +343,7 @@ def test_the_key_is_redacted_from_what_an_echoing_proxy_sends(judge_cfg, judge_s
     assert not [s for s in shown if key in s]  # ... and we never show or store it
 
 
-# ----------------------------------------------------------- proxies, slow and huge bodies, secrets in the URL
+# ----------------------------------------------------------- proxies, slow and huge bodies, the URL's secrets
 
 def test_a_trickled_body_cannot_hold_a_call_past_the_timeout(judge_cfg, judge_server):
     judge_server.trickle = 0.2  # a ~70-byte body one byte every 0.2 s: 14 s in all
