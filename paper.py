@@ -111,7 +111,7 @@ def build_base_model(cfg):
         with open(cfg.data.prompt_file) as f:
             instruction = f.read().strip()
         texts = data.tokenizer_texts(data.load_records(cfg.data.train), instruction)
-        training.ensure_model(cfg.model, cfg.seed, texts)
+        training.ensure_model(cfg.model, cfg.data, cfg.seed, texts)
 
 # ----------------------------------------------------------------------------- tables and the picture
 
