@@ -42,6 +42,7 @@ import benchmarks
 import config as config_lib
 import data
 import judge as judge_lib
+import judge_tasks
 import rewards
 import scoring
 from benchmarks import EvalError
@@ -215,7 +216,7 @@ def score(cfg, items, everything, pred_path):
     answers, outputs, models, missing = read_answers(items, everything, pred_path, e.annotations)
     try:
         judge = scoring.make_judge(cfg)
-    except judge_lib.JudgeError as err:
+    except judge_tasks.JudgeError as err:
         raise EvalError(f"{err}\nThe captions are kept in {pred_path}; score them later with "
                         f"eval.score_only=true eval.predictions={pred_path}") from None
     chunk = 4 * max(1, cfg.judge.concurrency)  # enough tasks per wave to keep the judge busy, yet a live bar

@@ -31,6 +31,7 @@ from tqdm import tqdm
 import config as config_lib
 import data
 import judge as judge_lib
+import judge_tasks
 from data import DataError
 
 # ----------------------------------------------------------------------------- the lexical judge's subjects
@@ -117,7 +118,7 @@ def _subject(subjects, name, adjectives):
 
 def lexical_subjects(fields):
     """The lexical judge's reply: subjects read clause by clause (`_clause`; a new subject needs an adjective
-    or an action), events as judge.py's lexical extract_events gives them (one per sentence)."""
+    or an action), events as judge_tasks.py's lexical extract_events gives them (one per sentence)."""
     subjects, last = [], None
     for sentence in re.split(r"[.!?]", fields["caption"]):
         for part in CLAUSE_BREAK.split(sentence):
@@ -128,19 +129,19 @@ def lexical_subjects(fields):
                 continue
             for key, items in (("attributes", attributes), ("actions", actions)):
                 last[key] += [x for x in items if x and x not in last[key]]
-    events = json.loads(judge_lib.LEXICAL["extract_events"](fields))["events"]
+    events = json.loads(judge_tasks.LEXICAL["extract_events"](fields))["events"]
     return json.dumps({"subjects": subjects, "events": events})
 
 # ----------------------------------------------------------------------------- the "subjects" task
 
 
 # One judge task per record returns both. The marker line names the task for the test server; {caption} is
-# the only field, in tags as untrusted text (judge.render), every other brace is plain text. The events
-# follow judge.py's extract_events wording, so that prepared events are what the reward would otherwise
+# the only field, in tags as untrusted text (judge_tasks.render), every other brace is plain text. The events
+# follow judge_tasks.py's extract_events wording, so that prepared events are what the reward would otherwise
 # extract during training.
 TEMPLATES = {
     "subjects": (
-        "[VideoCap-R1 data task: subjects]\n" + judge_lib.DATA_ONLY +
+        "[VideoCap-R1 data task: subjects]\n" + judge_tasks.DATA_ONLY +
         "Below is a caption of a video. Write its ground truth, using only what the caption says:\n"
         "- subjects: each person, animal or object the caption describes, with its name (a short noun "
         'phrase, e.g. "man"), its attributes (short phrases for appearance, colour, size, clothing or '
@@ -159,8 +160,8 @@ LEXICAL = {"subjects": lexical_subjects}  # the lexical judge's reply to each ta
 def parse_subjects_reply(reply: str) -> dict:
     """A judge's reply -> {"subjects": [...], "events": [...]}, exactly the training schema with at least
     one subject and one event (no events would make every caption's coverage 1). The JSON may sit in prose
-    or a fence (judge.decode_reply); anything else raises ValueError, so the judge re-asks."""
-    obj = judge_lib.decode_reply(reply)
+    or a fence (judge_tasks.decode_reply); anything else raises ValueError, so the judge re-asks."""
+    obj = judge_tasks.decode_reply(reply)
     if not isinstance(obj, dict):
         raise DataError(f'judge reply: expected {{"subjects": [...], "events": [...]}}, got {reply[:80]!r}')
     data.refuse_unknown(obj, ("subjects", "events"), "judge reply")
@@ -175,7 +176,7 @@ def _strip(value):
     return value.strip() if isinstance(value, str) else [v.strip() for v in value]
 
 
-def subjects_task(caption, on_malformed=None) -> judge_lib.Task:
+def subjects_task(caption, on_malformed=None) -> judge_tasks.Task:
     """The judge task for one caption; on_malformed(why) hears each reply that fails to parse."""
     def parse(reply):
         try:
@@ -184,20 +185,20 @@ def subjects_task(caption, on_malformed=None) -> judge_lib.Task:
             if on_malformed:
                 on_malformed(str(e))
             raise
-    return judge_lib.Task("subjects", TEMPLATES["subjects"], {"caption": caption.strip()}, parse,
+    return judge_tasks.Task("subjects", TEMPLATES["subjects"], {"caption": caption.strip()}, parse,
                           lexical_subjects)
 
 
 def check_prompts(prompts):
     """judge.prompts: every name a known template, and a "subjects" file using exactly {caption} (judge.py
     checks the files of its own templates when it reads them)."""
-    known = [*judge_lib.TEMPLATES, *TEMPLATES]
+    known = [*judge_tasks.TEMPLATES, *TEMPLATES]
     for name, path in prompts.items():
         data.refuse_unknown([name], known, "judge.prompts")
         if name in TEMPLATES:
             try:
-                judge_lib.read_prompt(f"judge.prompts.{name}", path, TEMPLATES[name])
-            except judge_lib.JudgeError as e:
+                judge_tasks.read_prompt(f"judge.prompts.{name}", path, TEMPLATES[name])
+            except judge_tasks.JudgeError as e:
                 raise DataError(str(e)) from None
 
 # ----------------------------------------------------------------------------- prepare: subjects and events
@@ -216,7 +217,7 @@ def _extract(judge, caption, malformed_retries):
         return result, None
     if len(malformed) > malformed_retries:  # the HTTP judge asked 1 + malformed_retries times
         return None, f"{len(malformed)} malformed replies, the last: {malformed[-1]}"
-    raise judge_lib.JudgeError(f"the judge failed ({judge.error_here}); what is written is kept: rerun the "
+    raise judge_tasks.JudgeError(f"the judge failed ({judge.error_here}); what is written is kept: rerun the "
                                "same command to continue")
 
 
@@ -458,7 +459,7 @@ def main(argv) -> int:
         if checking:
             return check(files[0], cfg)
         counts = prepare(files[0], files[1], cfg)
-    except (config_lib.ConfigError, DataError, judge_lib.JudgeError, OSError) as e:
+    except (config_lib.ConfigError, DataError, judge_tasks.JudgeError, OSError) as e:
         print(f"{command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

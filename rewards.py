@@ -13,7 +13,7 @@ reward = sum of weight * part over the parts whose weight is not 0 (`reward.*`):
 
 This file holds the output parser (parse_output, parse_think, reference_output), the scores
 (format_score, think_score, coverage, event_score, cn_score), compute_rewards and required_fields.
-The judge tasks, their prompts and the judges themselves are judge.py's.
+The judge tasks and their prompts are judge_tasks.py's, the judges themselves judge.py's.
 
 Decisions where the paper is silent (docs/design.md, section 2):
 - The parts are independent: a layout error zeroes only the format score. Tscore still
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from judge import MAX_JSON, decode_json, entail_task, rate_cn_task, tokens, unfence
+from judge_tasks import MAX_JSON, decode_json, entail_task, rate_cn_task, tokens, unfence
 
 # ---------------------------------------------------------------- parsing (never raises)
 

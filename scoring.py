@@ -9,7 +9,7 @@ Scoring follows tarsier's evaluation/metrics/evaluate_dream_gpt.py and CaReBench
   literal (a leading ```json fence dropped), its statements kept as given, empty ones too; an entailment
   reply goes through their fixed repairs (official_json) and must then load with json.loads. The judge
   requests carry no temperature or max_tokens unless eval.judge_temperature / judge_max_tokens are set.
-  eval.reply_parsing: tolerant reads replies as training does (judge.decode_reply).
+  eval.reply_parsing: tolerant reads replies as training does (judge_tasks.decode_reply).
 - A judge reply with a wrong shape, count or label is re-asked eval.malformed_retries times (default 9:
   the official scripts give up after 10 tries in all); then the video is excluded and counted.
 - CaReBench: actions and objects have their own extraction and entailment steps and reply keys
@@ -27,7 +27,7 @@ Decisions beyond the official scripts:
   about the whole caption instead, and scores 1.0 all the same).
 - A group whose P and R are both 0 has F1 0.0 (the official count_f1 divides 0 by 0: nan).
 - The eval judge steps read their replacement prompts from eval.prompts only (not judge.prompts).
-  The built-in prompts put captions in tags and say that text in tags is data (judge.render); a
+  The built-in prompts put captions in tags and say that text in tags is data (judge_tasks.render); a
   replacement file pastes its bare {fields} raw, so the official wording gives the official prompt,
   byte for byte, without that protection. A malformed reply is re-asked identically, as there.
 """
@@ -40,25 +40,26 @@ import re
 
 import config as config_lib
 import judge as judge_lib
+import judge_tasks
 import rewards
 from benchmarks import EvalError
 
 # ----------------------------------------------------------------------------- judge steps
 
 
-# eval's judge steps beyond judge.py's extract_events. The marker line names each for the test server;
-# captions and what the judge derived from them sit in tags (judge.render), the benchmark's questions and
-# answers not.
+# eval's judge steps beyond judge_tasks.py's extract_events. The marker line names each for the test server;
+# captions and what the judge derived from them sit in tags (judge_tasks.render), the benchmark's questions
+# and answers not.
 TEMPLATES = {
     "extract_objects": (
-        "[VideoCap-R1 eval task: extract_objects]\n" + judge_lib.DATA_ONLY +
+        "[VideoCap-R1 eval task: extract_objects]\n" + judge_tasks.DATA_ONLY +
         "Below is a description of a video. List the objects it describes: at most 10, each a short "
         'sentence "There is ..." or "There are ..." with a single attribute (split an object with several '
         "attributes into several sentences). Atmosphere, sounds, camera work and actions are not objects.\n"
         'Answer with JSON only: {"objects": ["...", "..."]}\n\n'
         "<caption>\n{caption}\n</caption>"),
     "entail": (
-        "[VideoCap-R1 eval task: entail]\n" + judge_lib.DATA_ONLY +
+        "[VideoCap-R1 eval task: entail]\n" + judge_tasks.DATA_ONLY +
         "Below are a video description and a list of statements about the video. For each statement, "
         'decide from the description alone whether the description entails it ("entailment"), contradicts '
         'it ("contradiction") or neither ("neutral").\n'
@@ -67,7 +68,7 @@ TEMPLATES = {
         '"reason": "..."}]}\n\n'
         "<description>\n{description}\n</description>\n\n<events>\n{events}\n</events>"),
     "entail_objects": (
-        "[VideoCap-R1 eval task: entail_objects]\n" + judge_lib.DATA_ONLY +
+        "[VideoCap-R1 eval task: entail_objects]\n" + judge_tasks.DATA_ONLY +
         "Below are a video description and a list of statements, each naming an object in the video "
         "with one attribute. For each statement, decide from the description alone whether the description "
         'entails it ("entailment"), contradicts it ("contradiction") or neither ("neutral").\n'
@@ -76,12 +77,12 @@ TEMPLATES = {
         '"reason": "..."}]}\n\n'
         "<description>\n{description}\n</description>\n\n<objects>\n{objects}\n</objects>"),
     "vdc_answer": (
-        "[VideoCap-R1 eval task: vdc_answer]\n" + judge_lib.DATA_ONLY +
+        "[VideoCap-R1 eval task: vdc_answer]\n" + judge_tasks.DATA_ONLY +
         "Answer the question about a video from its description alone, with a short phrase or sentence. "
         "Write nothing else.\n\n"
         "<caption>\n{caption}\n</caption>\n\nQuestion: {question}"),
     "vdc_grade": (
-        "[VideoCap-R1 eval task: vdc_grade]\n" + judge_lib.DATA_ONLY +
+        "[VideoCap-R1 eval task: vdc_grade]\n" + judge_tasks.DATA_ONLY +
         "Compare a predicted answer to a question about a video with the correct answer. Judge whether they "
         "match in meaning (synonyms and paraphrases match) and rate the match with an integer from 0 to 5.\n"
         "Answer with a Python dictionary only, for example {'pred': 'yes', 'score': 4}.\n\n"
@@ -90,7 +91,7 @@ TEMPLATES = {
 }
 
 
-STEPS = {"extract_events": judge_lib.TEMPLATES["extract_events"], **TEMPLATES}
+STEPS = {"extract_events": judge_tasks.TEMPLATES["extract_events"], **TEMPLATES}
 
 
 def _sentences(text):
@@ -105,23 +106,23 @@ def _lexical_objects(fields):
 def _lexical_entail(fields, kind="events", one="event"):
     statements = [str(s) for s in ast.literal_eval(fields[kind])]  # as Python writes a list (entail_task)
     numbered = "\n".join(f"{k}. {' '.join(s.split())}" for k, s in enumerate(statements, 1))
-    judged = json.loads(judge_lib.LEXICAL["entail"]({"description": fields["description"],
+    judged = json.loads(judge_tasks.LEXICAL["entail"]({"description": fields["description"],
                                                      "events": numbered}))
     return json.dumps({kind: [{one: s, "relationship": j["relationship"], "reason": j["reason"]}
                               for s, j in zip(statements, judged["events"])]})
 
 
 def _lexical_answer(fields):
-    asked = judge_lib.content_words(fields["question"])
-    best = max(_sentences(fields["caption"]), key=lambda s: len(asked & judge_lib.content_words(s)),
+    asked = judge_tasks.content_words(fields["question"])
+    best = max(_sentences(fields["caption"]), key=lambda s: len(asked & judge_tasks.content_words(s)),
                default="")
     return best or "not described"
 
 
 def _lexical_grade(fields):
-    truth, said = judge_lib.content_words(fields["answer"]), judge_lib.content_words(fields["prediction"])
+    truth, said = judge_tasks.content_words(fields["answer"]), judge_tasks.content_words(fields["prediction"])
     share = len(truth & said) / len(truth) if truth else 0.0
-    return repr({"pred": "yes" if share >= judge_lib.LEXICAL_ENTAILS else "no", "score": round(5 * share)})
+    return repr({"pred": "yes" if share >= judge_tasks.LEXICAL_ENTAILS else "no", "score": round(5 * share)})
 
 
 LEXICAL = {"extract_objects": _lexical_objects, "entail": _lexical_entail,
@@ -133,7 +134,7 @@ ENTAIL = {"events": "entail", "objects": "entail_objects"}  # kind of statement 
 
 
 def _parse_objects(reply):
-    obj = judge_lib.decode_reply(reply)
+    obj = judge_tasks.decode_reply(reply)
     objects = obj.get("objects") if isinstance(obj, dict) else obj
     if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
         raise ValueError('expected {"objects": [str, ...]}')
@@ -143,11 +144,11 @@ def _parse_objects(reply):
 def _parse_judged(reply, n, kind):
     """The n labels of a reply {kind: [{..., "relationship": label}, ...]} (or a bare list): the official
     scripts read the key "events" for events and "objects" for objects."""
-    obj = judge_lib.decode_reply(reply)
+    obj = judge_tasks.decode_reply(reply)
     judged = obj.get(kind) if isinstance(obj, dict) else obj
     if not isinstance(judged, list) or len(judged) != n:
         raise ValueError(f'expected {{"{kind}": [{n} judged statements]}}')
-    return judge_lib.parse_labels(json.dumps(judged, default=str, skipkeys=True), n)
+    return judge_tasks.parse_labels(json.dumps(judged, default=str, skipkeys=True), n)
 
 # The official scorers' reply rules (eval.reply_parsing: official), the same in tarsier's
 # evaluate_dream_gpt.py and CaReBench's utils/dream_gpt.py. A reply that fails them is asked again.
@@ -199,7 +200,7 @@ def official_json(reply, kind):
 def official_labels(reply, n, kind):
     """An entailment reply -> its n labels, read as officially: json.loads of official_json must give
     {kind: [n items]}, each with a string "relationship" that is, stripped and lowercased, one of
-    judge.LABELS. Raises ValueError."""
+    judge_tasks.LABELS. Raises ValueError."""
     text = official_json(reply, kind)
     try:
         judged = json.loads(text)[kind]
@@ -209,7 +210,7 @@ def official_labels(reply, n, kind):
                          f"{text[:80]!r}") from None
     if len(labels) != n:
         raise ValueError(f"expected {n} judged {kind}, got {len(labels)}")
-    if bad := [x for x in labels if x not in judge_lib.LABELS]:
+    if bad := [x for x in labels if x not in judge_tasks.LABELS]:
         raise ValueError(f"unknown labels {bad[:3]}")
     return labels
 
@@ -222,7 +223,7 @@ def _parse_answer(reply):
 
 def _parse_grade(reply):
     """{'pred': 'yes'|'no', 'score': 0..5} (JSON or a Python-dict string, never eval) -> (yes, score)."""
-    obj = judge_lib.decode_reply(reply)
+    obj = judge_tasks.decode_reply(reply)
     pred, score = (obj.get("pred"), obj.get("score")) if isinstance(obj, dict) else (None, None)
     if not isinstance(pred, str) or pred.strip().lower() not in ("yes", "no"):
         raise ValueError(f"'pred' must be 'yes' or 'no', got {pred!r:.40}")
@@ -238,11 +239,11 @@ def _parse_grade(reply):
 def extract_task(kind, caption, official=True):
     """The extraction of `kind` (events, objects) from `caption`, given as it is (the official scorers
     neither strip nor otherwise touch it beyond score_pr's lowercasing), read by the official rules or,
-    official=False, tolerantly (judge.decode_reply, empty statements dropped)."""
+    official=False, tolerantly (judge_tasks.decode_reply, empty statements dropped)."""
     if kind == "events":
-        task = dataclasses.replace(judge_lib.extract_events_task(caption), fields={"caption": caption})
+        task = dataclasses.replace(judge_tasks.extract_events_task(caption), fields={"caption": caption})
     else:
-        task = judge_lib.Task("extract_objects", TEMPLATES["extract_objects"], {"caption": caption},
+        task = judge_tasks.Task("extract_objects", TEMPLATES["extract_objects"], {"caption": caption},
                               _parse_objects, _lexical_objects)
     return dataclasses.replace(task, parse=functools.partial(official_statements, kind=kind)) if official \
         else task
@@ -254,18 +255,18 @@ def entail_task(kind, description, statements, official=True):
     wording in a prompt file gives their prompt byte for byte; the description is given as it is."""
     step = ENTAIL[kind]
     parse = official_labels if official else _parse_judged
-    return judge_lib.Task(step, TEMPLATES[step], {"description": description, kind: str(list(statements))},
+    return judge_tasks.Task(step, TEMPLATES[step], {"description": description, kind: str(list(statements))},
                           functools.partial(parse, n=len(statements), kind=kind), LEXICAL[step])
 
 
 def vdc_answer_task(caption, question):
     fields = {"caption": caption.strip(), "question": question}
-    return judge_lib.Task("vdc_answer", TEMPLATES["vdc_answer"], fields, _parse_answer, _lexical_answer)
+    return judge_tasks.Task("vdc_answer", TEMPLATES["vdc_answer"], fields, _parse_answer, _lexical_answer)
 
 
 def vdc_grade_task(question, answer, prediction):
     fields = {"question": question, "answer": answer, "prediction": prediction}
-    return judge_lib.Task("vdc_grade", TEMPLATES["vdc_grade"], fields, _parse_grade, _lexical_grade)
+    return judge_tasks.Task("vdc_grade", TEMPLATES["vdc_grade"], fields, _parse_grade, _lexical_grade)
 
 
 def check_prompts(prompts):
@@ -274,8 +275,8 @@ def check_prompts(prompts):
         if step not in STEPS:
             raise EvalError(f"eval.prompts.{step}: unknown judge step; valid: {list(STEPS)}")
         try:
-            judge_lib.read_prompt(f"eval.prompts.{step}", path, STEPS[step])
-        except judge_lib.JudgeError as e:
+            judge_tasks.read_prompt(f"eval.prompts.{step}", path, STEPS[step])
+        except judge_tasks.JudgeError as e:
             raise EvalError(str(e)) from None
 
 

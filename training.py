@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 import config as config_lib
 import data
-import judge as judge_lib
+import judge_tasks
 import model as model_lib
 
 
@@ -58,7 +58,7 @@ class StopRun(RunError):
 
 # What a user can fix: these end a run with their one-line message, anything else with a traceback
 USER_ERRORS = (config_lib.ConfigError, data.DataError, data.VideoError, model_lib.ModelError,
-               judge_lib.JudgeError, RunError)
+               judge_tasks.JudgeError, RunError)
 WRITE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 

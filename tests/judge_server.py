@@ -40,14 +40,14 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import judge as judge_lib  # noqa: E402
+import judge_tasks  # noqa: E402
 
 
 def answer_prompt(prompt):
     """The lexical judge's reply to a built-in prompt, found by its first (marker) line."""
-    for name, template in judge_lib.TEMPLATES.items():
+    for name, template in judge_tasks.TEMPLATES.items():
         if prompt.startswith(template.split("\n", 1)[0]):
-            return judge_lib.LEXICAL[name](unrender(template, prompt))
+            return judge_tasks.LEXICAL[name](unrender(template, prompt))
     if prompt.startswith("[VideoCap-R1 data task: "):
         return answer_data_prompt(prompt)
     return answer_eval_prompt(prompt)
@@ -55,7 +55,7 @@ def answer_prompt(prompt):
 
 def unrender(template, text):
     """Recover the {fields} of a rendered template (each field up to the next literal)."""
-    pieces = judge_lib.FIELD.split(template)  # [literal, field, literal, field, ..., literal]
+    pieces = judge_tasks.FIELD.split(template)  # [literal, field, literal, field, ..., literal]
     pos, fields = len(pieces[0]), {}
     for name, literal in zip(pieces[1::2], pieces[2::2]):
         end = text.find(literal, pos) if literal else len(text)

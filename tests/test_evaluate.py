@@ -13,7 +13,7 @@ import pytest
 
 import benchmarks
 import evaluate
-import judge as judge_lib
+import judge_tasks
 import scoring
 from benchmarks import EvalError, Item
 from config import load_config
@@ -497,8 +497,8 @@ def test_builtin_prompts_hold_captions_as_data_and_official_files_paste_them_raw
              scoring.vdc_answer_task(hostile, "What does the man do?"),
              scoring.vdc_grade_task("Q?", "A.", hostile)]
     for task in tasks:
-        prompt = judge_lib.render(task.text, task.fields, task.name)
-        assert prompt.splitlines()[1] == judge_lib.DATA_ONLY.strip()
+        prompt = judge_tasks.render(task.text, task.fields, task.name)
+        assert prompt.splitlines()[1] == judge_tasks.DATA_ONLY.strip()
         wrapped = [f for f in task.fields if f"<{f}>" in task.text]
         # the benchmark's own text, as the official
         assert "question" not in wrapped and "answer" not in wrapped
@@ -507,10 +507,10 @@ def test_builtin_prompts_hold_captions_as_data_and_official_files_paste_them_raw
             block = prompt.split(f"<{field}>\n")[1].split(f"\n</{field}>")[0]
             assert block.replace("&lt;", "<").replace("&gt;", ">") == task.fields[field]
     (tmp_path / "answer.txt").write_text("detailed description: {caption}, question: {question}")
-    official = judge_lib.read_prompt("eval.prompts.vdc_answer", str(tmp_path / "answer.txt"),
+    official = judge_tasks.read_prompt("eval.prompts.vdc_answer", str(tmp_path / "answer.txt"),
                                      scoring.STEPS["vdc_answer"])
     task = scoring.vdc_answer_task(hostile, "What does the man do?")
-    assert judge_lib.render(official, task.fields, task.name) == \
+    assert judge_tasks.render(official, task.fields, task.name) == \
         f"detailed description: {hostile}, question: What does the man do?"
 
 

@@ -15,7 +15,9 @@ import pytest
 
 from config import RewardConfig
 import judge as judge_lib
-from judge import HTTPJudge, JudgeError, LexicalJudge, make_judge
+import judge_tasks
+from judge import HTTPJudge, LexicalJudge, make_judge
+from judge_tasks import JudgeError
 from rewards import compute_rewards
 
 CAPTION = "A bald man waves. A small dog barks at him. The man picks up a red cup."
@@ -450,4 +452,4 @@ def test_url_credentials_are_never_shown_or_stored(judge_cfg, judge_server, tmp_
 
 def test_a_reply_that_is_neither_json_nor_python_is_quoted():
     with pytest.raises(ValueError, match=r"neither JSON nor a Python literal: '\{events: \[a man waves\]\}'"):
-        judge_lib.decode_reply("Sure: {events: [a man waves]}")
+        judge_tasks.decode_reply("Sure: {events: [a man waves]}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import data
-import judge as judge_lib
+import judge_tasks
 import prepare
 from config import Config, load_config
 from data import DataError
@@ -57,7 +57,7 @@ def test_interrupted_prepare_resumes_asking_each_record_once(tmp_path, judge_ser
                                            cache_dir=str(tmp_path / "cache") if cache else ""))
     # the 4th request fails: the judge cannot answer, the run stops
     judge_server.fail(None, None, None, "400")
-    with pytest.raises(judge_lib.JudgeError, match="rerun the same command to continue"):
+    with pytest.raises(judge_tasks.JudgeError, match="rerun the same command to continue"):
         prepare.prepare(src, out, cfg)
     first = {r["id"]: r for r in lines(out)}
     if concurrency == 1:  # the 2 copies, then a line per answer, flushed as it comes
