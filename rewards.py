@@ -2,6 +2,8 @@
 
     judge = make_judge(cfg.judge)                  # judge.py: HTTP judge (health-checked) or lexical
     reward, parts, stats = compute_rewards(outputs, records, cfg.reward, judge)   # (N,)
+    pending = start_rewards(records, cfg.reward, judge)   # or as the N completions end, one at a time:
+    row_ended(pending, i, outputs[i]) ...; reward, parts, stats = collect_rewards(pending)
 
 reward = sum of weight * part over the parts whose weight is not 0 (`reward.*`):
   format  1 if the output is one <think> block then one <answer> block, only whitespace
@@ -12,7 +14,9 @@ reward = sum of weight * part over the parts whose weight is not 0 (`reward.*`):
   cn      CNscore: judged completeness and naturalness (the paper's ablation)
 
 This file holds the output parser (parse_output, parse_think, reference_output), the scores
-(format_score, think_score, coverage, event_score, cn_score), compute_rewards and required_fields.
+(format_score, think_score, coverage, event_score, cn_score), compute_rewards and required_fields, and
+the same rewards as completions end (start_rewards, row_ended, collect_rewards: grpo.py's step sends a
+completion's judge questions while the other rows still decode).
 The judge tasks, their prompts and the judges themselves are judge.py's.
 
 Decisions where the paper is silent (docs/design.md, section 2):
@@ -288,7 +292,8 @@ def compute_rewards(outputs, records, cfg, judge):
 
 
 def _weights(cfg):
-    return {"format": cfg.format_weight, "think": cfg.think_weight, "event": cfg.event_weight, "cn": cfg.cn_weight}
+    return {"format": cfg.format_weight, "think": cfg.think_weight, "event": cfg.event_weight,
+            "cn": cfg.cn_weight}
 
 
 def _local_parts(parsed, records, cfg, weights):
@@ -448,7 +453,8 @@ def collect_rewards(pending):
     finally:
         pending.pool.shutdown()
     weights, parsed = _weights(pending.cfg), [pending.parsed[i] for i in range(n)]
-    parts = {k: [pending.local[i][k] for i in range(n)] for k in _local_parts([], [], pending.cfg, weights)}
+    parts = {k: [pending.local[i][k] for i in range(n)]
+             for k in _local_parts([], [], pending.cfg, weights)}
     stats = {}
     if judged is not None:
         extracted = sum(key[0] == "extract" for key in pending.asked)
