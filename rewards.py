@@ -354,7 +354,8 @@ def _questions(answer, record, extracted, cfg, weights):
     equal questions of a batch are asked once. extracted: caption or answer -> its events (None: failed)."""
     asks, known = {}, {}
     if weights["event"]:
-        checks = {"recall": (answer, record.events if record.events is not None else extracted[record.caption])}
+        reference = record.events if record.events is not None else extracted[record.caption]
+        checks = {"recall": (answer, reference)}
         if cfg.event.f1:  # precision: the prediction's events entailed by the reference
             checks["precision"] = (record.caption, extracted[answer])
         for question, (description, events) in checks.items():
@@ -427,8 +428,8 @@ def start_rewards(records, cfg, judge):
     it ends, then collect_rewards gives what compute_rewards gives for the same outputs, bit for bit: the
     same questions (equal ones asked once), retries and re-asks (the judge's own), failures as NaN. A
     completion's questions go out when it ends, on threads of this batch, while the others decode."""
-    return PendingRewards(records, cfg, judge, ThreadPoolExecutor(max(len(records), 1),
-                                                                  thread_name_prefix="reward"))
+    pool = ThreadPoolExecutor(max(len(records), 1), thread_name_prefix="reward")
+    return PendingRewards(records, cfg, judge, pool)
 
 
 def row_ended(pending, i, text):

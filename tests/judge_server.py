@@ -27,6 +27,7 @@ might), "length" (the reply cut in half, finish_reason "length", as at max_token
 request naming another model gets 404 like vLLM.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -83,8 +84,10 @@ def answer_data_prompt(prompt):
 class JudgeServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, port=0, model="judge-test", latency=0.0, models_endpoint=True):
+    def __init__(self, port=0, model="judge-test", latency=0.0, models_endpoint=True, capacity=None):
         super().__init__(("127.0.0.1", port), _Handler)
+        # at most `capacity` chat requests answered at once, the others queued, as a serving engine's batch
+        self.slots = threading.Semaphore(capacity) if capacity else contextlib.nullcontext()
         self.model, self.latency, self.models_endpoint = model, latency, models_endpoint
         self.listed, self.key, self.echo_headers = [model], None, False
         self.stall, self.retry_after = 1.0, 0
@@ -164,8 +167,9 @@ class _Handler(BaseHTTPRequestHandler):
             srv.seen.append((self.headers.get("Authorization"), prompt))
             srv.bodies.append(body)
         try:
-            time.sleep(srv.latency)
-            self._answer(srv, body, prompt, mode)
+            with srv.slots:
+                time.sleep(srv.latency)
+                self._answer(srv, body, prompt, mode)
         finally:
             with srv.lock:
                 srv.in_flight -= 1
