@@ -38,6 +38,14 @@ docs/benchmarks.md.)
    and joining the group), in all and beyond the rank's own shards (on a GPU they are in GPU memory, not
    the host's), and the node's total. On a GPU (without --load): the reference's log-prob pass held in bf16
    against float32, as it ran before training.precision.
+7. The whole step (--step alone; also at the end of the CPU sections): one GRPO step on one video (rollout
+   sampled at temperature 1 with 16 end tokens, so lengths differ; format + Tscore + Escore + CNscore;
+   reference pass; update's forward+backward), ours (model.generate sending each completion's judge questions
+   as it ends, prefix-shared passes, the rewards awaited after the reference pass) against the usual (HF
+   generate with num_return_sequences=G, compute_rewards after it, per-row passes), at the sizes' visual
+   tokens, G = 8, completions of at most 256 tokens, with a loopback judge server (tests/judge_server.py)
+   answering each request after 1 s, 4 at once, and with the lexical judge: seconds per phase, total, the
+   judge's last reply after the last token, peak memory.
 6. The demo (--demo): `python grpo.py demo.yaml seed=S` from nothing (tiny model built, warm start, GRPO)
    for S = 0, 1, 2, each in its own folder: wall time, the mean total reward (0..3) and format score over
    the first and last quarter of the GRPO steps (from metrics.jsonl, demo_learning), against the demo's
@@ -529,6 +537,137 @@ def bench_reference_dtype(hf, visual_tokens, completion):
             "speedup": seconds[torch.float32] / seconds[torch.bfloat16]}
 
 
+# ----------------------------------------------------------------------------- 7. the whole step
+
+CAPTION = "A man walks a dog in the park. The dog runs to a red ball. The man throws the ball."
+WORDS = ("man", "dog", "walks", "runs", "red", "ball", "park", "throws", "the", "a", "jumps", "car")
+
+
+def step_texts(ids, lengths):
+    """Judgeable outputs for completion rows (the random model has no tokenizer): a well-formed output whose
+    answer has a word per token, so the judge sees answers as long and as varied as the completions."""
+    return ['<think>{"subjects": []}</think><answer>' + " ".join(WORDS[t % len(WORDS)] for t in row[:n])
+            + "</answer>" for row, n in zip(ids.tolist(), lengths.tolist())]
+
+
+def step_lengths(ids, eos):
+    """(N,) completion lengths of generated rows: up to and with the first end token, else all of them."""
+    hit = torch.isin(ids, eos)
+    return torch.where(hit.any(1), hit.int().argmax(1) + 1, ids.shape[1])
+
+
+def whole_step(hf, batch, G, new_tokens, judge, ours_way):
+    """One GRPO step on one video: rollout (sampled, ending on any of 16 end tokens, so lengths differ), the
+    rewards (format + Tscore + Escore + CNscore through `judge`), the reference pass, the update's
+    forward+backward. Ours: model.generate with each completion's judge questions sent as it ends, then the
+    prefix-shared passes, the rewards awaited only before the advantage. The usual: HF generate with
+    num_return_sequences=G, compute_rewards after it, per-row passes (the video copied G times).
+    -> seconds per phase, the judge's time after the last token, the mean completion length."""
+    import grpo
+    import rewards
+    from config import RewardConfig
+    from types import SimpleNamespace
+    record = SimpleNamespace(caption=CAPTION, events=None, subjects=[])
+    cfg = RewardConfig(cn_weight=1.0)
+    ordinary = special_ids(hf.config.text_config.vocab_size)["endoftext"]
+    eos = torch.arange(ordinary - 16, ordinary, device=hf.device)
+    policy, times = model_lib.Policy(hf), {}
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    if ours_way:
+        pending = rewards.start_rewards([record] * G, cfg, judge)
+
+        def on_end(roll, rows):
+            for i, text in zip(rows, step_texts(roll.ids[rows], roll.lengths[rows])):
+                rewards.row_ended(pending, i, text)
+        roll = model_lib.generate(hf, batch, G, new_tokens, 1.0, 1.0, eos.tolist(),
+                                  hf.config.text_config.pad_token_id, on_end=on_end)
+        ids, lengths = roll.ids, roll.lengths
+    else:
+        ids = usual_sampled(hf, batch, G, new_tokens, eos)
+        lengths = step_lengths(ids, eos)
+    end = time.perf_counter()
+    times["rollout"] = end - t0
+    if not ours_way:
+        reward = rewards.compute_rewards(step_texts(ids, lengths), [record] * G, cfg, judge)[0]
+        times["judge_wait"] = time.perf_counter() - end
+        after_last = times["judge_wait"]
+    T = int(lengths.max())
+    inputs = (batch, ids[:, :T], lengths, None)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        training_pass(policy, inputs, ours_way, update=False)
+        times["reference"] = time.perf_counter() - t0
+    if ours_way:
+        t0 = time.perf_counter()
+        reward, _, stats = rewards.collect_rewards(pending)
+        times["judge_wait"] = time.perf_counter() - t0  # what the step waits, after the reference pass
+        after_last = max(0.0, (stats["last_reply"] or end) - end)
+    adv = grpo.group_advantages(torch.nan_to_num(reward)[None]).flatten().to(hf.device)
+    hf.train().requires_grad_(True)
+    hf.activation_checkpointing_enable()
+    t0 = time.perf_counter()
+    training_pass(policy, (batch, ids[:, :T], lengths, adv), ours_way, update=True)
+    times["update"] = time.perf_counter() - t0
+    hf.activation_checkpointing_disable()
+    hf.zero_grad(set_to_none=True)
+    hf.eval().requires_grad_(False)
+    return {**times, "total": sum(times.values()), "after_last": after_last,
+            "length": float(lengths.float().mean())}
+
+
+def usual_sampled(hf, batch, G, new_tokens, eos):
+    """HF generate with num_return_sequences=G, sampling at temperature 1, vision tokens banned: (G, T)."""
+    from transformers import GenerationConfig
+    settings = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, num_return_sequences=G,
+                                max_new_tokens=new_tokens, eos_token_id=eos.tolist(),
+                                pad_token_id=hf.config.text_config.pad_token_id,
+                                suppress_tokens=model_lib.vision_token_ids(hf.config))
+    return hf.generate(**batch, generation_config=settings)[:, batch["input_ids"].shape[1]:]
+
+
+def bench_whole_step(hf, visual, G, new_tokens, latency, capacity=4):
+    """whole_step both ways, with a loopback judge server answering each request after `latency` s,
+    `capacity` at once, and with the lexical judge: rows of figures, peak memory included."""
+    import judge as judge_lib
+    from config import JudgeConfig
+    from tests.judge_server import JudgeServer
+    server = JudgeServer(latency=latency, capacity=capacity).start()
+    judges = {f"HTTP, {latency:g} s, {capacity} at once": judge_lib.HTTPJudge(JudgeConfig(
+                  url=server.url, model=server.model, timeout=600, concurrency=64, cache_dir="",
+                  health_check=False)),
+              "lexical": judge_lib.LexicalJudge()}
+    rows = []
+    try:
+        for visual_tokens in visual:
+            batch = video_prompt(hf, visual_tokens, hf.device)
+            for name, judge in judges.items():
+                for ours_way in (True, False):
+                    _, peak, r = measured(lambda: whole_step(hf, batch, G, new_tokens, judge, ours_way),
+                                          hf.device)
+                    rows.append({"visual_tokens": visual_tokens, "judge": name,
+                                 "way": "ours" if ours_way else "usual", "peak_gb": peak / 2**30, **r})
+    finally:
+        server.stop()
+    return rows
+
+
+def print_whole_step(rows, G, new_tokens, label):
+    print(f"\nWhole GRPO step, {label}: one video, G = {G} sampled completions of at most {new_tokens} "
+          "tokens; judge wait: what the step waits for rewards (ours: after the reference pass); after "
+          "last: the judge's last reply after the rollout's last token; peak memory above the start")
+    print(f"{'visual tokens':>13} {'judge':>22} {'way':>5} {'rollout':>8} {'judge wait':>10} "
+          f"{'reference':>9} {'update':>8} {'total':>8} {'after last':>10} {'mean len':>8} {'GiB':>6} "
+          f"{'speed-up':>8}")
+    for r in rows:
+        usual = next(u for u in rows if u["way"] == "usual" and u["judge"] == r["judge"]
+                     and u["visual_tokens"] == r["visual_tokens"])
+        print(f"{r['visual_tokens']:>13} {r['judge']:>22} {r['way']:>5} {r['rollout']:>8.2f} "
+              f"{r['judge_wait']:>10.2f} {r['reference']:>9.2f} {r['update']:>8.2f} {r['total']:>8.2f} "
+              f"{r['after_last']:>10.2f} "
+              f"{r['length']:>8.1f} {r['peak_gb']:>6.2f} {usual['total'] / r['total']:>7.2f}x")
+
+
 # ----------------------------------------------------------------------------- report
 
 def print_rollout(rows, G, new_tokens, label):
@@ -631,6 +770,7 @@ def main(argv=None):
     ap.add_argument("--load", action="store_true",
                     help="section 5 alone: start-up host memory under torchrun")
     ap.add_argument("--load-worker", nargs=3, help=argparse.SUPPRESS)  # FOLDER WAY OUT, one rank of --load
+    ap.add_argument("--step", action="store_true", help="section 7 alone: the whole GRPO step")
     ap.add_argument("--demo", action="store_true",
                     help="section 6 alone: the demo's learning on seeds 0, 1, 2")
     args = ap.parse_args(argv)
@@ -642,6 +782,8 @@ def main(argv=None):
         return print_load(bench_load())
     torch.manual_seed(0)
     sizes = QUICK if args.quick else FULL
+    if args.step:
+        return step_section(sizes, args.quick)
     print(f"bench.py on {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
     cpu_sections(sizes, args.quick)
     if args.no_gpu or not torch.cuda.is_available():
@@ -669,6 +811,17 @@ def cpu_sections(sizes, quick):
     s = SHAPES[sizes.shape]
     print_training([bench_training(hf, n, G, sizes.answer) for n in visual], G, sizes.answer,
                    f"CPU, random Qwen2-VL of hidden {s['hidden']}, {s['layers']} layers, float32")
+    step_section(sizes, quick)
+
+
+def step_section(sizes, quick):
+    """Section 7 on the CPU: the whole step at the sizes' visual tokens, completions of up to sizes.answer
+    tokens, the HTTP judge answering after 1 s (0.05 s with --quick)."""
+    s = SHAPES[sizes.shape]
+    hf = random_model(sizes.shape, torch.float32, torch.device("cpu"), std=0.02)
+    rows = bench_whole_step(hf, sizes.visual, sizes.G, sizes.answer, latency=0.05 if quick else 1.0)
+    print_whole_step(rows, sizes.G, sizes.answer,
+                     f"CPU, random Qwen2-VL of hidden {s['hidden']}, {s['layers']} layers, float32")
 
 
 def gpu_sections(sizes, quick):

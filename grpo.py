@@ -7,7 +7,10 @@ Each step, in the order the loop below reads: every rank takes its videos, sampl
 completions per video with the current policy (rollout), scores them (format + Tscore +
 Escore by default, rewards.py), normalises rewards within each group (advantage),
 computes log-probs under the policy and the frozen reference, takes the clipped
-surrogate with a k3 KL penalty (loss), steps AdamW, logs, and checkpoints.
+surrogate with a k3 KL penalty (loss), steps AdamW, logs, and checkpoints. The scoring
+overlaps the rest: a completion's judge questions go out when it ends (judged_rewards), the
+reference pass runs while they are answered, and the step waits for the replies only where
+the advantage needs them.
 
 Shapes: B videos per rank per step, G samples per video, N = B*G sequences,
 L prompt tokens, T completion tokens, V vocabulary.
@@ -21,10 +24,13 @@ Where this goes beyond or deviates from the paper (arXiv 2506.01725), all in con
   ranks; groups dropped for a failed judge call left out), as verl and TRL scale it.
 - `train.warm_start` runs sft.py's supervised stage first and starts GRPO from its export
   (the demo's way of teaching a random model the output format; a cold start for real runs).
+- The reference (and pi_old) log-probs cover every row, the groups later dropped too: they run
+  before the rewards say which groups enter the loss.
 - The training machinery (FSDP2, fp32 master weights with bf16 compute, the learning rate as a
   function of the step) is training.py's, the checkpoints and the export checkpoint.py's, shared with sft.py.
 """
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -132,17 +138,41 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, eps_low, eps_high, beta, ag
 # ----------------------------------------------------------------------------- one step
 
 
-def rollout(policy, batch, cfg, tokens, generator):
-    """G completions per video from the current policy; ranks stop decoding together."""
+def rollout(policy, batch, cfg, tokens, generator, on_end=None):
+    """G completions per video from the current policy; ranks stop decoding together. on_end(i, text) is
+    told each completion as it ends, while the other rows decode."""
     def all_done(local_done):
         return reduce([float(local_done)], dist.ReduceOp.MIN)[0] > 0
+
+    def ended(roll, rows):
+        for i, text in zip(rows, tokens.decode(roll, rows)):
+            on_end(i, text)
     policy.eval()  # HF switches the KV cache off under gradient checkpointing in train mode
     with training.gathered(policy), torch.no_grad():
         roll = model_lib.generate(policy.hf, batch, cfg.sampling.group_size, cfg.sampling.max_new_tokens,
                                   cfg.sampling.temperature, cfg.sampling.top_p, tokens.eos_ids, tokens.pad_id,
-                                  generator=generator, sync=all_done)
+                                  generator=generator, sync=all_done, on_end=ended if on_end else None)
     policy.train()
     return roll
+
+
+def judged_rewards(reward_cfg, judge):
+    """The configured reward as a rewarder: records -> (on_end, collect). on_end(i, text) sends completion
+    i's judge questions the moment it ends (rewards.start_rewards: the only place where the judge runs
+    beside the step); collect(texts, roll) -> (reward (N,), parts, stats) waits for the replies still out."""
+    def start(records):
+        pending = rewards.start_rewards(records, reward_cfg, judge)
+        return (functools.partial(rewards.row_ended, pending),
+                lambda texts, roll: rewards.collect_rewards(pending))
+    return start
+
+
+def after_rollout(reward_fn):
+    """reward_fn(texts, records, roll) -> (reward (N,), parts, stats) as a rewarder that scores the whole
+    batch once the rollout is done (train()'s reward_fn: the tests' toy rewards)."""
+    def start(records):
+        return None, lambda texts, roll: reward_fn(texts, records, roll)
+    return start
 
 
 def micro_batches(keep, size):
@@ -176,18 +206,34 @@ def length_mask(lengths, T):
     return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def row_logprobs(model, batch, roll, cfg):
+    """Log-probs (N, T) of every completion of the rollout under `model`, no grad, in micro-batches of
+    train.micro_batch_size rows; 0 after each row's end. Every row: it runs before the rewards say which
+    groups enter the loss."""
+    every = torch.ones_like(roll.ended)
+    done = [(rows, completion_logprobs(model, batch, roll, rows, cfg)[0])
+            for rows, weight in micro_batches(every, cfg.train.micro_batch_size) if weight]
+    out = done[0][1].new_zeros(len(roll.lengths), int(roll.lengths.max()))  # (N, T)
+    for rows, logp in done:
+        out[rows, :logp.shape[1]] = logp
+    return out
+
+
 def update(policy, optimizer, chunks, batch, roll, adv, ref_logps, old_logps, denom, cfg, world):
-    """num_iterations passes of AdamW over the rollout; returns summed statistics."""
+    """num_iterations passes of AdamW over the rollout (ref_logps, old_logps: (N, T) from row_logprobs, or
+    None); returns summed statistics."""
     t = cfg.train
     acc = {"loss": 0.0, "tokens": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0,
            "ratio_min": math.inf, "ratio_max": -math.inf, "grad_norm": 0.0, "skipped": 0}
     for _ in range(t.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for (rows, weight), ref_lp, old_lp in zip(chunks, ref_logps, old_logps):
+        for rows, weight in chunks:
             logp, entropy = completion_logprobs(policy, batch, roll, rows, cfg)
-            mask = length_mask(roll.lengths[rows], logp.shape[1]) * weight  # (n, T)
-            old = logp.detach() if old_lp is None else old_lp  # one update per rollout: rho == 1
+            T = logp.shape[1]
+            mask = length_mask(roll.lengths[rows], T) * weight  # (n, T)
+            ref_lp = ref_logps[rows, :T] if ref_logps is not None else None
+            old = logp.detach() if old_logps is None else old_logps[rows, :T]  # one update: rho == 1
             loss, st = policy_loss(logp, old, ref_lp, adv[rows], mask, t.eps_low, t.eps_high, t.beta,
                                    t.loss_agg, norm=denom, max_len=cfg.sampling.max_new_tokens)
             # FSDP averages gradients over ranks, but `loss` is already divided by the
@@ -214,19 +260,33 @@ def update(policy, optimizer, chunks, batch, roll, adv, ref_logps, old_logps, de
     return acc
 
 
-def train_step(policy, ref, optimizer, items, reward_fn, cfg, tokens, generator, device, world):
-    """Rollout, reward, advantage, log-probs, loss and step for this rank's videos -> (metrics, sample)."""
+def train_step(policy, ref, optimizer, items, rewarder, cfg, tokens, generator, device, world):
+    """Rollout (each completion's reward started as it ends), the reference's (and pi_old's) log-probs while
+    the judge answers, the rewards, advantage, loss and step for this rank's videos -> (metrics, sample).
+    rewarder: judged_rewards or after_rollout. The judge's timing changes no collective call: every rank
+    runs the same passes in the same order, and only waits longer or shorter in collect."""
     G = cfg.sampling.group_size
     times = {}
     t0 = time.perf_counter()
     batch = {k: v.to(device) for k, v in data.collate([p for _, p in items], tokens.pad_id).items()}
-    roll = rollout(policy, batch, cfg, tokens, generator)  # ids (N, T), lengths (N,), ended (N,)
-    times["rollout"] = time.perf_counter() - t0
+    records = [rec for rec, _ in items for _ in range(G)]  # row b*G+g is video b
+    on_end, collect = rewarder(records)
+    roll = rollout(policy, batch, cfg, tokens, generator, on_end)  # ids (N, T), lengths (N,), ended (N,)
+    rollout_end = time.perf_counter()
+    times["rollout"] = rollout_end - t0
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ref_logps = row_logprobs(ref, batch, roll, cfg) if ref is not None else None  # (N, T)
+        # with several updates per rollout, pi_old must be fixed before the first one
+        old_logps = row_logprobs(policy, batch, roll, cfg) if cfg.train.num_iterations > 1 else None
+    times["logprobs"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     texts = tokens.decode(roll)
-    records = [rec for rec, _ in items for _ in range(G)]  # row b*G+g is video b
-    reward, parts, reward_stats = reward_fn(texts, records, roll)  # (N,), name -> (N,)
+    reward, parts, reward_stats = collect(texts, roll)  # (N,), name -> (N,): waits for the last replies
+    times["judge_wait"] = time.perf_counter() - t0
+    times["judge_after_rollout"] = max(0.0, (reward_stats.get("last_reply") or 0.0) - rollout_end)
     r = reward.to(device).view(-1, G)  # (B, G)
     judged = torch.isfinite(r).all(dim=1)  # (B,) groups without a failed judge call
     valid = judged & (r.amax(dim=1) > r.amin(dim=1))  # (B,) groups with signal
@@ -241,15 +301,6 @@ def train_step(policy, ref, optimizer, items, reward_fn, cfg, tokens, generator,
     kept_tokens = roll.lengths[keep].sum().item()
     n_seq, n_tok = reduce([keep.sum().item(), kept_tokens])
     denom = n_tok if cfg.train.loss_agg == "token-mean" else n_seq
-    with torch.no_grad():
-        ref_logps = [completion_logprobs(ref, batch, roll, rows, cfg)[0]
-                     if ref is not None else None for rows, _ in chunks]
-        # with several updates per rollout, pi_old must be fixed before the first one
-        old_logps = [completion_logprobs(policy, batch, roll, rows, cfg)[0]
-                     if cfg.train.num_iterations > 1 else None for rows, _ in chunks]
-    times["logprobs"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
     acc = update(policy, optimizer, chunks, batch, roll, adv, ref_logps, old_logps,
                  max(denom, 1.0), cfg, world) if n_seq > 0 else None
     times["update"] = time.perf_counter() - t0
@@ -298,8 +349,8 @@ def update_metrics(acc):
 # ----------------------------------------------------------------------------- held-out evaluation
 
 
-def heldout_rewards(policy, prompts, reward_fn, cfg, tokens, device):
-    """Greedy outputs (one per video) for this rank's held-out (record, prompt) pairs, scored by reward_fn ->
+def heldout_rewards(policy, prompts, rewarder, cfg, tokens, device):
+    """Greedy outputs (one per video) for this rank's held-out (record, prompt) pairs, scored by rewarder ->
     {"val_reward": mean, "val_reward_<part>": mean} over every rank's videos."""
     greedy = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, group_size=1,
                                                                    temperature=0.0))
@@ -311,8 +362,9 @@ def heldout_rewards(policy, prompts, reward_fn, cfg, tokens, device):
         weight = 1.0 if chunk else 0.0
         chunk = chunk or prompts[:1]  # a rank with fewer videos keeps in step with the others' collectives
         batch = {key: v.to(device) for key, v in data.collate([p for _, p in chunk], tokens.pad_id).items()}
-        roll = rollout(policy, batch, greedy, tokens, generator=None)
-        reward, parts, _ = reward_fn(tokens.decode(roll), [rec for rec, _ in chunk], roll)
+        on_end, collect = rewarder([rec for rec, _ in chunk])
+        roll = rollout(policy, batch, greedy, tokens, None, on_end)
+        reward, parts, _ = collect(tokens.decode(roll), roll)
         for name, v in {"reward": reward, **{f"reward_{p}": x for p, x in parts.items()}}.items():
             total, n = sums.get(name, (0.0, 0.0))
             part_total, part_n = finite_sum(v)
@@ -402,12 +454,8 @@ def run(cfg, reward_fn, rank, world, device, mesh):
     t = cfg.train
 
     # reward
-    judge = None
-    if reward_fn is None:
-        judge = judge_lib.make_judge(cfg.judge)
-
-        def reward_fn(texts, recs, roll):
-            return rewards.compute_rewards(texts, recs, cfg.reward, judge)
+    judge = judge_lib.make_judge(cfg.judge) if reward_fn is None else None
+    rewarder = judged_rewards(cfg.reward, judge) if reward_fn is None else after_rollout(reward_fn)
 
     optimizer = training.make_optimizer(policy, t)
     shown = judge_lib.redacted_config(cfg)  # recorded, saved and logged: judge.url without credentials
@@ -439,7 +487,7 @@ def run(cfg, reward_fn, rank, world, device, mesh):
     for step in bar:
         items = stream.next()
         lr = training.set_lr(optimizer, t, step)
-        metrics, sample = train_step(policy, ref, optimizer, items, reward_fn, cfg, tokens,
+        metrics, sample = train_step(policy, ref, optimizer, items, rewarder, cfg, tokens,
                                      generator, device, world)
         skipped = metrics.get("nonfinite", 0) == t.num_iterations
         nonfinite_run = nonfinite_run + 1 if skipped else 0
@@ -456,7 +504,7 @@ def run(cfg, reward_fn, rank, world, device, mesh):
                 print(summary(t.out_dir, t))
             raise JudgeOutage(outage_message(judged, cfg.judge, judge, step + 1, step + 1 == t.steps))
         if t.eval_every and (step + 1) % t.eval_every == 0:
-            metrics.update(heldout_rewards(policy, heldout, reward_fn, cfg, tokens, device))
+            metrics.update(heldout_rewards(policy, heldout, rewarder, cfg, tokens, device))
         if (step + 1) % t.log_every == 0:
             log(metrics, step + 1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0):.4f}")

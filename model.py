@@ -690,10 +690,12 @@ class Tokens:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[1]
         return cls(tokenizer, eos_ids, pad_id)
 
-    def decode(self, roll) -> list[str]:
-        """The text of each row of `roll` (a Rollout): its first lengths[n] ids, special tokens skipped."""
-        rows = [ids[:n] for ids, n in zip(roll.ids.tolist(), roll.lengths.tolist())]
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+    def decode(self, roll, rows=None) -> list[str]:
+        """The text of each row of `roll` (a Rollout), or of `rows` (indices) of it: its first lengths[n] ids,
+        special tokens skipped."""
+        ids, lengths = (roll.ids, roll.lengths) if rows is None else (roll.ids[rows], roll.lengths[rows])
+        cut = [row[:n] for row, n in zip(ids.tolist(), lengths.tolist())]
+        return self.tokenizer.batch_decode(cut, skip_special_tokens=True)
 
 
 @dataclass
@@ -804,7 +806,7 @@ def decode_one_token(hf_model, tokens, state):
 
 @torch.no_grad()
 def generate(hf_model, batch, group_size, max_new_tokens, temperature, top_p, eos_ids, pad_id,
-             generator=None, sync=None):
+             generator=None, sync=None, on_end=None):
     """Sample G completions for each of the B prompts of a collated, left-padded batch.
 
     The vision tower and the prefill run once per prompt; the KV cache and positions are then copied to G
@@ -812,7 +814,10 @@ def generate(hf_model, batch, group_size, max_new_tokens, temperature, top_p, eo
     part of its completion) and leaves the batch. sync(local_all_done) -> global_all_done lets ranks under
     torch.distributed stop together: a rank whose rows all ended keeps stepping (on its last rows, whose
     output is thrown away) until every rank is done. temperature 0 is greedy decoding. `generator` must be
-    on the model's device. eos_ids and pad_id: Tokens.of(tokenizer) gives Qwen's."""
+    on the model's device. eos_ids and pad_id: Tokens.of(tokenizer) gives Qwen's. on_end(rollout, rows) is
+    told each row the step it ends (a list of row indices; the rollout so far holds their final ids), and
+    at the end the rows cut at max_new_tokens or stopped by sync, so that their rewards can start while
+    the other rows decode."""
     # prefill B prompts (vision tower included) -> copy cache, positions and last logits to B*G rows ->
     # loop: sample a token per row, record it, drop rows that ended, feed the rest one token further
     B = batch["input_ids"].shape[0]
@@ -830,6 +835,8 @@ def generate(hf_model, batch, group_size, max_new_tokens, temperature, top_p, eo
         lengths[state.rows[live]] += 1
         ended[state.rows[live]] = torch.isin(tokens[live], eos)
         finished = ended[state.rows]                                                 # (n,)
+        if on_end is not None and (rows := state.rows[live & finished].tolist()):
+            on_end(Rollout(ids, lengths, ended), rows)
         local_done = bool(finished.all()) or t == max_new_tokens - 1
         if sync(local_done) if sync is not None else local_done:
             break
@@ -837,4 +844,6 @@ def generate(hf_model, batch, group_size, max_new_tokens, temperature, top_p, eo
             state = keep_rows(state, ~finished)
             tokens = tokens[~finished]
         logits, state = decode_one_token(hf_model, tokens, state)
+    if on_end is not None and (rows := (~ended).nonzero().flatten().tolist()):
+        on_end(Rollout(ids, lengths, ended), rows)
     return Rollout(ids, lengths, ended)

@@ -2,6 +2,8 @@
 
     judge = make_judge(cfg.judge)                  # judge.py: HTTP judge (health-checked) or lexical
     reward, parts, stats = compute_rewards(outputs, records, cfg.reward, judge)   # (N,)
+    pending = start_rewards(records, cfg.reward, judge)   # or as the N completions end, one at a time:
+    row_ended(pending, i, outputs[i]) ...; reward, parts, stats = collect_rewards(pending)
 
 reward = sum of weight * part over the parts whose weight is not 0 (`reward.*`):
   format  1 if the output is one <think> block then one <answer> block, only whitespace
@@ -12,7 +14,9 @@ reward = sum of weight * part over the parts whose weight is not 0 (`reward.*`):
   cn      CNscore: judged completeness and naturalness (the paper's ablation)
 
 This file holds the output parser (parse_output, parse_think, reference_output), the scores
-(format_score, think_score, coverage, event_score, cn_score), compute_rewards and required_fields.
+(format_score, think_score, coverage, event_score, cn_score), compute_rewards and required_fields, and
+the same rewards as completions end (start_rewards, row_ended, collect_rewards: grpo.py's step sends a
+completion's judge questions while the other rows still decode).
 The judge tasks and their prompts are judge_tasks.py's, the judges themselves judge.py's.
 
 Decisions where the paper is silent (docs/design.md, section 2):
@@ -24,12 +28,15 @@ Decisions where the paper is silent (docs/design.md, section 2):
 - An empty list of events has coverage (and precision) 1.0, DREAM-1K's convention.
 """
 import json
+import threading
+import time
 from collections import Counter
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 
-from judge_tasks import MAX_JSON, decode_json, entail_task, rate_cn_task, tokens, unfence
+from judge_tasks import MAX_JSON, decode_json, entail_task, extract_events_task, rate_cn_task, tokens, unfence
 
 # ---------------------------------------------------------------- parsing (never raises)
 
@@ -272,24 +279,39 @@ def compute_rewards(outputs, records, cfg, judge):
     Returns reward (N,) float32, {part: (N,)} for the enabled parts, and stats.
     Judge work goes out in two concurrent waves: the events to extract (references
     without .events; predictions too for the F1 variant), then every entailment and
-    CN rating of the batch."""
+    CN rating of the batch. (start_rewards scores the same batch as its completions end.)"""
     if len(outputs) != len(records):
         raise ValueError(f"{len(outputs)} outputs but {len(records)} records")
     parsed = [parse_output(o) for o in outputs]
-    answers = [p.answer or None for p in parsed]
-    weights = {"format": cfg.format_weight, "think": cfg.think_weight,
-               "event": cfg.event_weight, "cn": cfg.cn_weight}
+    weights = _weights(cfg)
+    parts, stats = _local_parts(parsed, records, cfg, weights), {}
+    if weights["event"] or weights["cn"]:
+        judged, stats = _judged_parts([p.answer or None for p in parsed], records, cfg, judge, weights)
+        parts.update(judged)
+    return _total(parts, parsed, weights, stats)
+
+
+def _weights(cfg):
+    return {"format": cfg.format_weight, "think": cfg.think_weight, "event": cfg.event_weight,
+            "cn": cfg.cn_weight}
+
+
+def _local_parts(parsed, records, cfg, weights):
+    """The parts scored without the judge: format and Tscore, {part: [score per output]}."""
     parts = {}
     if weights["format"]:
         parts["format"] = [format_score(p) for p in parsed]
     if weights["think"]:
         parts["think"] = [think_score(p, r.subjects, cfg.think)[0] for p, r in zip(parsed, records)]
+    return parts
+
+
+def _total(parts, parsed, weights, judged_stats):
+    """{part: [score per output]} -> reward (N,), {part: (N,)}, stats (judged_stats among them)."""
     stats = {"format_ok": sum(p.error is None for p in parsed),
-             "no_answer": sum(a is None for a in answers), "judge_failed": 0}
-    if weights["event"] or weights["cn"]:
-        parts.update(_judged_parts(answers, records, cfg, judge, weights, stats))
+             "no_answer": sum(not p.answer for p in parsed), "judge_failed": 0, **judged_stats}
     breakdown = {k: torch.tensor(v, dtype=torch.float32) for k, v in parts.items()}  # (N,)
-    reward = torch.zeros(len(outputs))                                                 # (N,)
+    reward = torch.zeros(len(parsed))                                                  # (N,)
     for k, v in breakdown.items():
         reward += weights[k] * v
     stats["judge_failed"] = int(reward.isnan().sum())
@@ -307,39 +329,173 @@ def _f1(p, r):
     return 2 * p * r / (p + r) if p + r else 0.0  # NaN in, NaN out
 
 
-def _judged_parts(answers, records, cfg, judge, weights, stats):
+def _judged_parts(answers, records, cfg, judge, weights):
     events_on, f1 = weights["event"] != 0, cfg.event.f1
     # wave 1: extract events, deduplicated (the G outputs of a video share a caption)
     need = [r.caption for r in records if r.events is None] if events_on else []
     need += [a for a in answers if a] if events_on and f1 else []
     need = list(dict.fromkeys(need))
     extracted = dict(zip(need, judge.extract_events(need)))
-    stats["events_extracted"] = len(extracted)
     # wave 2: every entailment and rating of the batch, asked together
-    tasks, results = {}, {}  # (question, i) -> Task / -> result
+    asks, results = {}, [{} for _ in answers]  # (i, question) -> question key; per row, question -> result
     for i, (answer, r) in enumerate(zip(answers, records)):
-        if answer is None:
-            continue
-        if events_on:
-            checks = {"recall": (answer, r.events if r.events is not None else extracted[r.caption])}
-            if f1:  # precision: the prediction's events entailed by the reference
-                checks["precision"] = (r.caption, extracted[answer])
-            for question, (description, events) in checks.items():
-                if events:
-                    tasks[question, i] = entail_task(description, events)
-                else:  # [] covers 1.0; None (a failed extraction) gives NaN
-                    results[question, i] = events
-        if weights["cn"]:
-            tasks["cn", i] = rate_cn_task(r.caption, answer, cfg.cn.max_score)
-    results.update(zip(tasks, judge.ask(list(tasks.values()))))
+        if answer is not None:
+            row_asks, results[i] = _questions(answer, r, extracted, cfg, weights)
+            asks.update({(i, q): key for q, key in row_asks.items()})
+    for (i, q), result in zip(asks, judge.ask([_task(key, cfg) for key in asks.values()])):
+        results[i][q] = result
+    rows = [_row_scores(a, x, cfg, weights) for a, x in zip(answers, results)]
+    return _judged_columns(rows, len(extracted), weights)
+
+
+def _questions(answer, record, extracted, cfg, weights):
+    """The judge questions about one answer -> ({question: key}, {question: result known without asking});
+    a key ("entail", description, events) or ("cn", reference, candidate) names the Task (_task), so that
+    equal questions of a batch are asked once. extracted: caption or answer -> its events (None: failed)."""
+    asks, known = {}, {}
+    if weights["event"]:
+        reference = record.events if record.events is not None else extracted[record.caption]
+        checks = {"recall": (answer, reference)}
+        if cfg.event.f1:  # precision: the prediction's events entailed by the reference
+            checks["precision"] = (record.caption, extracted[answer])
+        for question, (description, events) in checks.items():
+            if events:
+                asks[question] = ("entail", description, tuple(events))
+            else:  # [] covers 1.0; None (a failed extraction) gives NaN
+                known[question] = events
+    if weights["cn"]:
+        asks["cn"] = ("cn", record.caption, answer)
+    return asks, known
+
+
+def _task(key, cfg):
+    """A question key (_questions; ("extract", text) for extraction) -> its judge Task."""
+    kind, *args = key
+    if kind == "extract":
+        return extract_events_task(*args)
+    if kind == "entail":
+        return entail_task(args[0], list(args[1]))
+    return rate_cn_task(*args, cfg.cn.max_score)
+
+
+def _row_scores(answer, results, cfg, weights):
+    """One answer's judged scores from its {question: result} -> {"raw": coverage or F1 before the step
+    function, "event", "cn"} for the enabled parts; no answer scores 0, unjudged."""
     out = {}
-    if events_on:
-        raw = []  # coverage (or F1) before the step function
-        for i, a in enumerate(answers):
-            x = 0.0 if a is None else coverage(results["recall", i])
-            raw.append(_f1(coverage(results["precision", i]), x) if a is not None and f1 else x)
-        out["event"] = [event_score(x, cfg.event) for x in raw]
+    if weights["event"]:
+        x = 0.0 if answer is None else coverage(results["recall"])
+        out["raw"] = _f1(coverage(results["precision"]), x) if answer is not None and cfg.event.f1 else x
+        out["event"] = event_score(out["raw"], cfg.event)
+    if weights["cn"]:
+        out["cn"] = 0.0 if answer is None else cn_score(results["cn"], cfg.cn)
+    return out
+
+
+def _judged_columns(rows, extracted, weights):
+    """Per-row judged scores -> ({part: [score per row]}, their stats); extracted: how many texts' events
+    the judge was asked for."""
+    out, stats = {}, {"events_extracted": extracted}
+    if weights["event"]:
+        raw = [row["raw"] for row in rows]
+        out["event"] = [row["event"] for row in rows]
         stats["event_raw_mean"] = float(torch.tensor(raw).nanmean()) if raw else float("nan")
     if weights["cn"]:
-        out["cn"] = [0.0 if a is None else cn_score(results["cn", i], cfg.cn) for i, a in enumerate(answers)]
-    return out
+        out["cn"] = [row["cn"] for row in rows]
+    return out, stats
+
+# ---------------------------------------------------------------- rewards as completions end
+
+
+@dataclass
+class PendingRewards:
+    """A batch's rewards while its completions are still being written (start_rewards). Each row that ended
+    has its format score and Tscore, and the future of its judged scores, asked on `pool`. Each judge
+    question is asked once per batch, by the first row that needs it (`asked`, guarded by `lock`)."""
+    records: list
+    cfg: object
+    judge: object
+    pool: ThreadPoolExecutor
+    parsed: dict = field(default_factory=dict)   # row -> Parsed
+    local: dict = field(default_factory=dict)    # row -> {part: score} of the parts scored without the judge
+    judged: dict = field(default_factory=dict)   # row -> Future of its judged scores (_row_scores)
+    asked: dict = field(default_factory=dict)    # question key -> Future of the judge's result
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_reply: float | None = None              # time.perf_counter() of the batch's last judge reply
+
+
+def start_rewards(records, cfg, judge):
+    """The rewards of a batch whose len(records) completions end one at a time: hand each to row_ended as
+    it ends, then collect_rewards gives what compute_rewards gives for the same outputs, bit for bit: the
+    same questions (equal ones asked once), retries and re-asks (the judge's own), failures as NaN. A
+    completion's questions go out when it ends, on threads of this batch, while the others decode."""
+    pool = ThreadPoolExecutor(max(len(records), 1), thread_name_prefix="reward")
+    return PendingRewards(records, cfg, judge, pool)
+
+
+def row_ended(pending, i, text):
+    """Row i's completion `text` is final: its format score and Tscore now, its judge questions sent."""
+    weights = _weights(pending.cfg)
+    parsed = parse_output(text)
+    pending.parsed[i] = parsed
+    pending.local[i] = {k: v[0] for k, v in _local_parts([parsed], [pending.records[i]], pending.cfg,
+                                                          weights).items()}
+    if weights["event"] or weights["cn"]:
+        pending.judged[i] = pending.pool.submit(_judge_row, pending, i, parsed.answer or None)
+
+
+def collect_rewards(pending):
+    """Wait for the judge's replies -> reward (N,), {part: (N,)}, stats, as compute_rewards; stats also
+    holds "last_reply", the time.perf_counter() of the last judge reply (None without one)."""
+    n = len(pending.records)
+    try:
+        if len(pending.parsed) != n:
+            raise ValueError(f"{n - len(pending.parsed)} of {n} completions never ended")
+        judged = [pending.judged[i].result() for i in range(n)] if pending.judged else None
+    finally:
+        pending.pool.shutdown()
+    weights, parsed = _weights(pending.cfg), [pending.parsed[i] for i in range(n)]
+    parts = {k: [pending.local[i][k] for i in range(n)]
+             for k in _local_parts([], [], pending.cfg, weights)}
+    stats = {}
+    if judged is not None:
+        extracted = sum(key[0] == "extract" for key in pending.asked)
+        columns, stats = _judged_columns(judged, extracted, weights)
+        parts.update(columns)
+    reward, breakdown, stats = _total(parts, parsed, weights, stats)
+    return reward, breakdown, {**stats, "last_reply": pending.last_reply}
+
+
+def _judge_row(pending, i, answer):
+    """Row i's judged scores (_row_scores), on a thread of the batch: the events to extract (its
+    reference's, its answer's for the F1 variant), then its entailments and rating, as _judged_parts."""
+    record, cfg, weights = pending.records[i], pending.cfg, _weights(pending.cfg)
+    texts = [record.caption] if weights["event"] and record.events is None else []
+    texts += [answer] if weights["event"] and cfg.event.f1 and answer else []
+    extracted = dict(zip(texts, _ask_once(pending, [("extract", t) for t in texts])))
+    if answer is None:
+        return _row_scores(None, {}, cfg, weights)
+    asks, results = _questions(answer, record, extracted, cfg, weights)
+    results.update(zip(asks, _ask_once(pending, list(asks.values()))))
+    return _row_scores(answer, results, cfg, weights)
+
+
+def _ask_once(pending, keys):
+    """The results of the questions `keys`: those no row asked yet are asked here, together, the others'
+    replies awaited. A thread waits only for questions another thread claimed and is already asking, so
+    no number of threads can deadlock; a judge that raises passes its error to every waiting row."""
+    with pending.lock:
+        mine = [k for k in dict.fromkeys(keys) if k not in pending.asked]
+        for k in mine:
+            pending.asked[k] = Future()
+    try:
+        replies = pending.judge.ask([_task(k, pending.cfg) for k in mine]) if mine else []
+    except BaseException as e:
+        for k in mine:
+            pending.asked[k].set_exception(e)
+        raise
+    with pending.lock:
+        if mine:
+            pending.last_reply = time.perf_counter()
+    for k, reply in zip(mine, replies):
+        pending.asked[k].set_result(reply)
+    return [pending.asked[k].result() for k in keys]

@@ -75,9 +75,8 @@ def update_once(cfg, device, mesh, rank, world):
     n_seq, n_tok = training.reduce([len(rows), roll.lengths.sum().item()])
     denom = n_tok if cfg.train.loss_agg == "token-mean" else n_seq
     with torch.no_grad():
-        ref_logps = [grpo.completion_logprobs(ref, batch, roll, r, cfg)[0] for r, _ in chunks]
-    acc = grpo.update(policy, optimizer, chunks, batch, roll, adv[rows], ref_logps, [None] * len(chunks),
-                      denom, cfg, world)
+        ref_logps = grpo.row_logprobs(ref, batch, roll, cfg)
+    acc = grpo.update(policy, optimizer, chunks, batch, roll, adv[rows], ref_logps, None, denom, cfg, world)
     return acc, get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 

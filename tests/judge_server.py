@@ -31,6 +31,7 @@ server.no_db, a wrong key gets LiteLLM's 400 "No connected db." instead of 401. 
 can also be scripted per request: server.replies, a list of reply texts, answered in order.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -87,8 +88,10 @@ def answer_data_prompt(prompt):
 class JudgeServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, port=0, model="judge-test", latency=0.0, models_endpoint=True):
+    def __init__(self, port=0, model="judge-test", latency=0.0, models_endpoint=True, capacity=None):
         super().__init__(("127.0.0.1", port), _Handler)
+        # at most `capacity` chat requests answered at once, the others queued, as a serving engine's batch
+        self.slots = threading.Semaphore(capacity) if capacity else contextlib.nullcontext()
         self.model, self.latency, self.models_endpoint = model, latency, models_endpoint
         self.listed, self.key, self.echo_headers = [model], None, False
         self.stall, self.retry_after, self.retry_header = 1.0, 0, "Retry-After"
@@ -173,8 +176,9 @@ class _Handler(BaseHTTPRequestHandler):
             srv.seen.append((self.headers.get("Authorization"), prompt))
             srv.bodies.append(body)
         try:
-            time.sleep(srv.latency)
-            self._answer(srv, body, prompt, mode)
+            with srv.slots:
+                time.sleep(srv.latency)
+                self._answer(srv, body, prompt, mode)
         finally:
             with srv.lock:
                 srv.in_flight -= 1

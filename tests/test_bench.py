@@ -34,6 +34,11 @@ def test_quick_bench_prints_its_figures_and_skips_the_gpu():
     # log-probs, prefix-shared vs per row
     assert all(float(r[-2]) <= 1e-5 for r in rows)
     assert all(float(r[-1]) <= 1e-5 for r in rows[1::2])                  # gradients (update rows)
+    header = next(i for i, line in enumerate(lines) if line.startswith("Whole GRPO step, CPU")) + 1
+    rows = [line.split() for line in lines[header + 1:header + 9]]
+    assert [(r[0], r[-10]) for r in rows] == [(n, way) for n in ("64", "256") for _ in range(2)
+                                              for way in ("ours", "usual")]
+    assert all(float(r[-1].rstrip("x")) > 0 for r in rows)
     assert lines[-1] == "GPU sections skipped: --no-gpu"
 
 

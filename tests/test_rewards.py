@@ -2,8 +2,10 @@
 worked Tscore examples, the step function, CNscore and compute_rewards with the lexical
 judge and with a judge that fails."""
 import doctest
+import json
 import math
 import os
+import random
 import time
 from types import SimpleNamespace
 
@@ -388,3 +390,79 @@ def test_a_replacement_prompt_pastes_bare_fields_raw():
         f"Caption: {INJECTION}. Events?"
     assert judge_tasks.render("<caption>{caption}</caption>", {"caption": INJECTION}, "x") == \
         f"<caption>{INJECTION.replace('</caption>', '&lt;/caption&gt;')}</caption>"
+
+# ---------------------------------------------------------------- rewards as completions end
+
+
+class SlowJudge(judge_lib.LexicalJudge):
+    """The lexical judge, each ask() answered after a random delay (replies arrive in any order); a task whose
+    text holds `fail` gets None, as after exhausted retries."""
+
+    def __init__(self, seed, fail="\0"):
+        super().__init__()
+        self.rng, self.fail, self.asked = random.Random(seed), fail, []
+
+    def ask(self, tasks):
+        self.asked.extend((t.name, tuple(sorted(t.fields.items()))) for t in tasks)
+        time.sleep(self.rng.uniform(0, 0.02))
+        return [None if any(self.fail in v for v in t.fields.values()) else r
+                for t, r in zip(tasks, super().ask(tasks))]
+
+
+def pending_rewards(outputs, records, cfg, judge, seed):
+    """rewards.start_rewards with the rows ending in a random order."""
+    pending = rewards.start_rewards(records, cfg, judge)
+    order = list(range(len(outputs)))
+    random.Random(seed).shuffle(order)
+    for i in order:
+        rewards.row_ended(pending, i, outputs[i])
+    return rewards.collect_rewards(pending)
+
+
+MIXED = [out(JSON_THINK, "A bald man waves at a barking dog."), out(JSON_THINK, "A bald man waves."),
+         out(JSON_THINK, "A cat sleeps."), "A bald man waves.", out(JSON_THINK, "A bald man waves."),
+         "<think>junk</think><answer>A man waves, a dog barks.</answer>", out("Subject: man", "Nothing.")]
+
+
+@pytest.mark.parametrize("cfg", [RewardConfig(), RewardConfig(cn_weight=1.0, event=EventConfig(f1=True)),
+                                 RewardConfig(event_weight=0, cn_weight=0.5), RewardConfig(event_weight=0)],
+                         ids=["default", "f1-cn", "cn-only", "no-judge"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rewards_as_rows_end_equal_the_batch_bit_for_bit(cfg, seed):
+    records = [record(events=None if k % 3 == 0 else ("man waves", "dog barks"),
+                      caption=f"A bald man waves. Dog {k // 3} barks.") for k in range(len(MIXED))]
+    want_judge, judge = SlowJudge(seed), SlowJudge(seed + 10)
+    want = compute_rewards(MIXED, records, cfg, want_judge)
+    got = pending_rewards(MIXED, records, cfg, judge, seed)
+    assert torch.equal(got[0], want[0])
+    assert got[1].keys() == want[1].keys() and all(torch.equal(got[1][k], want[1][k]) for k in want[1])
+    stats = {k: v for k, v in got[2].items() if k != "last_reply"}
+    assert json.dumps(stats, sort_keys=True) == json.dumps(want[2], sort_keys=True)  # NaN == NaN here
+    # the batch's questions, each asked once (the batch asks a question shared by two rows twice)
+    assert len(judge.asked) == len(set(judge.asked)) and set(judge.asked) == set(want_judge.asked)
+
+
+def test_a_judge_failing_mid_batch_is_counted_as_in_the_batch():
+    records = [record(events=None if k < 2 else ("man waves", "dog barks")) for k in range(len(MIXED))]
+    for fail in ("cat", "barks", "bald man waves"):  # an answer's question, a reference, most questions
+        want = compute_rewards(MIXED, records, RewardConfig(cn_weight=1.0), SlowJudge(0, fail))
+        got = pending_rewards(MIXED, records, RewardConfig(cn_weight=1.0), SlowJudge(1, fail), seed=3)
+        assert torch.equal(got[0].isnan(), want[0].isnan()) and want[0].isnan().any(), fail
+        assert torch.equal(got[0].nan_to_num(), want[0].nan_to_num())
+        assert got[2]["judge_failed"] == want[2]["judge_failed"] == int(want[0].isnan().sum())
+
+
+def test_a_judge_that_raises_reaches_the_caller_and_no_row_hangs():
+    class Broken(judge_lib.LexicalJudge):
+        def ask(self, tasks):
+            raise RuntimeError("judge bug")
+    records = [record(events=None)] * 4
+    pending = rewards.start_rewards(records, RewardConfig(), Broken())
+    for i in range(4):
+        rewards.row_ended(pending, i, MIXED[0])
+    with pytest.raises(RuntimeError, match="judge bug"):
+        rewards.collect_rewards(pending)
+    pending = rewards.start_rewards(records, RewardConfig(), judge_lib.LexicalJudge())
+    rewards.row_ended(pending, 0, MIXED[0])
+    with pytest.raises(ValueError, match="3 of 4 completions never ended"):
+        rewards.collect_rewards(pending)
