@@ -243,10 +243,12 @@ def test_a_short_run_whose_judge_is_down_exits_non_zero_and_keeps_its_url_secret
     # A random model writes no <answer> to judge, so the reward asks the judge about the raw outputs.
     import socket
 
-    def judged(texts, records, cfg, judge):
-        reward = torch.tensor([math.nan if e is None else 0.0 for e in judge.extract_events(texts)])
-        return reward, {"event": reward}, {"judge_failed": int(reward.isnan().sum())}
-    monkeypatch.setattr(grpo.rewards, "compute_rewards", judged)
+    def judged(reward_cfg, judge):  # the configured judge, asked about every raw output once the rollout ends
+        def reward(texts, records, roll):
+            r = torch.tensor([math.nan if e is None else 0.0 for e in judge.extract_events(texts)])
+            return r, {"event": r}, {"judge_failed": int(r.isnan().sum())}
+        return grpo.after_rollout(reward)
+    monkeypatch.setattr(grpo, "judged_rewards", judged)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
