@@ -255,7 +255,8 @@ def test_check_passes_on_the_shipped_set(tmp_path, capsys, tiny_model_dir, exact
     assert status == 0, report
     assert f"{len(SHIPPED)} of {len(SHIPPED)} videos read, 0 unreadable" in report[1]
     assert ("the tokenizer of" in report[0]) == exact
-    assert report[-1] == "OK: every video reads and every prompt fits data.max_prompt_tokens=8192"
+    assert report[-1] == ("OK: every video reads, every prompt fits data.max_prompt_tokens=8192 and every target "
+                          "data.max_target_tokens=2048")
 
 
 def test_check_fails_without_subjects_while_tscore_is_on(tmp_path, capsys):
