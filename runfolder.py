@@ -49,7 +49,7 @@ class LockError(RuntimeError):
 _held = {}  # absolute folder -> Lock held by this process
 
 
-def _proc_start(pid):
+def process_start(pid):
     """The start time of process `pid` in clock ticks since boot (Linux /proc), or None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -58,7 +58,7 @@ def _proc_start(pid):
         return None
 
 
-def _pid_namespace():
+def pid_namespace():
     try:
         return os.readlink("/proc/self/ns/pid")
     except OSError:
@@ -102,8 +102,8 @@ def _disk_now(folder):
 
 
 def _me():
-    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
-            "pid_namespace": _pid_namespace()}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
+            "pid_namespace": pid_namespace()}
 
 
 def write_error(e, what):
@@ -186,7 +186,7 @@ def _stale(folder, holder, mtime):
         pid = holder["pid"]
         if not _alive(pid):
             return f"pid {pid} is gone"
-        start = _proc_start(pid)
+        start = process_start(pid)
         if start is not None and holder.get("pid_start") is not None and start != holder["pid_start"]:
             return f"pid {pid} is now another process"
         return "it is this process's own, left over by an earlier stage" if pid == os.getpid() else None

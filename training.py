@@ -327,7 +327,7 @@ def stop_watch():
     after the step (a checkpoint, then Stopped); a second Ctrl-C stops at once. Yields stop() -> the request
     ("", "SIGTERM" or "Ctrl-C"), the same on every rank (one all-reduce); it raises RunError on every rank
     when rank 0's lock on the run folder is no longer its own (runfolder.lost)."""
-    _signals["deferred"] = True
+    _signals.update(deferred=True, requested="")
 
     def stop():
         lost = runfolder.lost() if dist.get_rank() == 0 else ""
