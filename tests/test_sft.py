@@ -127,7 +127,7 @@ def test_an_unwritable_out_dir_is_refused_in_one_line(tmp_path, capsys):
         assert "\n" not in message and capsys.readouterr().err == ""
 
 
-def test_a_record_over_max_target_tokens_is_refused_at_start(tiny_model_dir, tmp_path):
+def test_a_record_over_max_target_tokens_is_refused_at_start(tiny_model_dir, tmp_path, monkeypatch):
     """A 1 MB caption stops the run at its FILE:LINE before any weight loads or step runs, in seconds: the
     SFT step never sees it (it took over 30 s and 4.2 GB before). Refused rather than cut: a cut target would
     teach the model to stop mid-caption without </answer> and its end token."""
@@ -137,6 +137,9 @@ def test_a_record_over_max_target_tokens_is_refused_at_start(tiny_model_dir, tmp
     records[1]["caption"] = "A man walks to the door. " * 42_000  # 1 MB
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    def step(*args):
+        raise AssertionError("a step ran with the 1 MB target")  # where the old code spent 4.2 GB and minutes
+    monkeypatch.setattr(sft, "train_step", step)
     start = time.time()
     with pytest.raises(data.DataError, match=rf"^{train}:2: the target \(<think>subjects</think><answer>caption"
                                              r"</answer>\) is [\d,]+\+ tokens, over data.max_target_tokens=2048; "
