@@ -220,7 +220,7 @@ def load_vdc(folder, video_dir, sections):
             for vid, qa in r.items():
                 if not isinstance(qa, list) or not qa:
                     raise EvalError(f"{w}: video {snippet(vid)}: expected a non-empty list of QA pairs")
-                at = f"{w} ({snippet(vid)} QA"
+                at = f"{w} ({snippet(vid, bare=True)} QA"
                 pairs = [{"question": _get(q, "question", f"{at} {k})"),
                           "answer": str(_get(q, "answer", f"{at} {k})", (str, int, float)))}
                          for k, q in enumerate(qa)]
@@ -326,7 +326,7 @@ def _from_carebench(path, items):
     the video in metadata.json, `gt` its caption (a mismatch means captions of other annotations)."""
     records = {}
     for key, rec in json.loads(Path(path).read_text()).items():
-        w, k = f"{path}:key {snippet(key)}", int(key) if key.isdecimal() and len(key) < 12 else -1
+        w, k = f"{path}:key {snippet(key, bare=True)}", int(key) if key.isdecimal() and len(key) < 12 else -1
         if not 0 <= k < len(items):
             raise EvalError(f"{w}: expected the index of a record of the annotations (0 to {len(items) - 1})")
         if _get(rec, "gt", w) != items[k].reference:

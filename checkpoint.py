@@ -19,6 +19,8 @@ and sft.py.
   one written with a schedule state (before the schedule was a function) resumes the same way.
 - Resuming cuts metrics.jsonl, samples.jsonl and changes.jsonl back to the checkpoint's step, so that steps
   redone after a crash appear once.
+- The export is written into export.tmp and replaced whole (replace_folder: the old one renamed aside, the new
+  one in, the old one removed); what a kill in between leaves, recover_export puts back at the next start.
 """
 import hashlib
 import json

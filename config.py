@@ -13,7 +13,7 @@ What this file holds, in order:
   weights of reward.think and reward.cn), on every load;
 - check_program: the rules of the sections one program runs (allowed values, the resume folder, data.val,
   WORLD_SIZE), which depend on the program and on the machine;
-- to_dict, settings, save_config.
+- to_dict, settings, save_config; snippet, which cuts a long value quoted in a message.
 
 A new numeric key takes two edits: its field here, with its range, and its line in config.yaml, with its
 comment (tests/test_config.py checks both). Dotted `key=value` overrides on the command line are parsed
@@ -34,10 +34,11 @@ class ConfigError(ValueError):
     pass
 
 
-def snippet(value, limit=80):
-    """`value` as a message quotes it: its repr, cut to about `limit` characters with the length it had, so
-    that an id or a string from an untrusted file (a 4 MB video id) never fills the terminal."""
-    text = repr(value)
+def snippet(value, limit=80, bare=False):
+    """`value` as a message quotes it: its repr (a string as it is with `bare`), cut to about `limit`
+    characters with the length it had, so that an id or a string from an untrusted file (a 4 MB video id)
+    never fills the terminal."""
+    text = value if bare and isinstance(value, str) else repr(value)
     if len(text) <= limit:
         return text
     size = f"{len(value):,} characters" if isinstance(value, str) else f"{len(text):,} characters as written"
@@ -389,7 +390,7 @@ def read_yaml(path):
 
 
 def load_config(path=None, overrides=()):
-    """Read a YAML file (or nothing: the defaults) plus `key=value` overrides."""
+    """Read a YAML file (or nothing: the defaults; read_yaml's checks) plus `key=value` overrides."""
     tree = read_yaml(path) if path else {}
     for item in overrides:
         key, sep, raw = item.partition("=")

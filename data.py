@@ -28,9 +28,9 @@ and which is not installable on every machine:
   Then CLIP mean/std and the patch order of HF's `patchify`;
 - `mm_token_type_ids` built as HF's processor builds them (see `encode`); without them transformers
   5.24 raises for Qwen2-VL and silently falls back to 1-D RoPE for Qwen2.5-VL.
-Beyond it: unreadable videos are skipped, counted and capped by `data.max_bad_fraction`, and the
-prompt stream is sliced per rank, resumable exactly, and resumable on another number of ranks (its
-position is global).
+Beyond it: unreadable videos are skipped, counted and capped by `data.max_bad_fraction`, a record whose
+target is over `data.max_target_tokens` is refused with its FILE:LINE (check_targets), and the prompt stream
+is sliced per rank, resumable exactly, and resumable on another number of ranks (its position is global).
 """
 import difflib
 import json

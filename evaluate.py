@@ -10,7 +10,8 @@ each benchmark's official metric (scoring.py names the official scripts) through
 
 eval.out_dir gets predictions.jsonl (one line per caption: id, section, prompt, output, answer,
 failed, tokens, truncated, settings), results.json and results.md (every figure, videos scored and
-failed, the judge, the published numbers beside ours) and the resolved config.yaml. A predictions
+failed, the judge, the published numbers beside ours) and the resolved config.yaml; run.lock
+(runfolder.py) keeps a second evaluation out of it while one runs. A predictions
 file made elsewhere needs only `id` (the video id; plus `section` for VDC) and `answer` per line.
 
 The official scripts' prediction formats are read as eval.predictions and written by --export into

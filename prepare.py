@@ -6,9 +6,9 @@
 The paper annotated its 1.5K videos and did not publish them. `prepare` derives the missing `subjects`
 and `events` of each record from its caption with one judge task ("subjects", replaceable by a file in
 judge.prompts.subjects), validated strictly; `--check` encodes every record as training will and fails
-(exit 1) on any unreadable video, any prompt over data.max_prompt_tokens, and missing subjects while
-reward.think_weight is on. A bad input or setting ends in one line on stderr (exit 1), a bad command
-line in the usage (exit 2), Ctrl-C in one line (exit 130).
+(exit 1) on any unreadable video, any prompt over data.max_prompt_tokens, any target over
+data.max_target_tokens, and missing subjects while reward.think_weight is on. A bad input or setting ends
+in one line on stderr (exit 1), a bad command line in the usage (exit 2), Ctrl-C in one line (exit 130).
 
 This file holds the "subjects" task (its prompt, its strict reply parser and the lexical judge's
 word-list answer to it, lexical_subjects: a stand-in, not an LLM), prepare, check and the command line.

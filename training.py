@@ -1,13 +1,17 @@
-"""The training machinery that grpo.py and sft.py share: the command line and the process group, FSDP2
-wrapping and the streamed loading of the model, AdamW and its learning rate as a function of the step, and
-metric logging with the summary's charts. The checkpoints are checkpoint.py's.
+"""The training machinery that grpo.py and sft.py share: the command line and the process group, SIGTERM and
+Ctrl-C, the run folder's lock (runfolder.py's), FSDP2 wrapping and the streamed loading of the model, AdamW
+and its learning rate as a function of the step, and metric logging with the summary's charts. The
+checkpoints are checkpoint.py's.
 
     with process_group("grpo.py", timeout, replicate) as (rank, world, device, mesh):  # FSDP, or HSDP
+      with run_folder(cfg.train.out_dir, "train.out_dir", "grpo.py"):   # rank 0 locks it: one live run
         policy, tokenizer, kind = load_policy(cfg.model, device, mesh)    # fp32 master weights, bf16 compute
         optimizer = make_optimizer(policy, cfg.train)                      # cfg.train or cfg.sft: a RunConfig
-        for step in ...:
-            set_lr(optimizer, cfg.train, step)
-            ... the program's step, clip_and_step(...), log(metrics, step + 1) ...
+        with stop_watch() as stop:                                         # SIGTERM, Ctrl-C: after the step
+            for step in ...:
+                set_lr(optimizer, cfg.train, step)
+                ... the program's step, clip_and_step(...), log(metrics, step + 1) ...
+                end_of_step(step + 1, cfg.train, stop, save)               # checkpoints; Stopped on request
 
 Choices beyond the paper (which does not describe its training code):
 - Plain `python grpo.py` (or sft.py) runs as an FSDP world of one, the same code path as torchrun.
@@ -18,6 +22,8 @@ Choices beyond the paper (which does not describe its training code):
   start-up, only its shards and one tensor in flight (load_policy).
 - `replicate` > 1 (HSDP) keeps one copy of the model per group of world/replicate ranks (a node), so that the
   per-layer all-gathers stay inside the node.
+- SIGTERM and a first Ctrl-C during the loop let the step finish and write a checkpoint (exit 0 and 130); a
+  second Ctrl-C, or either signal outside the loop, stops at once, in one line (stop_watch, process_group).
 """
 import contextlib
 import errno

@@ -49,7 +49,8 @@ def test_missing_file_and_bad_yaml(tmp_path):
     ("sampling:\n  group_size: 4\ntrain:\n  lr: 1.0\nsampling:\n  top_p: 0.9\n",
      r"c.yaml:5: 'sampling' is set twice \(first on line 1\)"),
     ("train:\n  lr: 1.0\n  steps: 2\n  lr: 2.0\n", r"c.yaml:4: 'train.lr' is set twice \(first on line 2\)"),
-    ("- train\n- sft\n", r"c.yaml: the top level must be a mapping of sections .*got a list: \['train', 'sft'\]$"),
+    ("- train\n- sft\n",
+     r"c.yaml: the top level must be a mapping of sections .*got a list: \['train', 'sft'\]$"),
     ("just words\n", r"c.yaml: the top level must be a mapping of sections .*got a str"),
     ("train:\n  lr: [1\n", r"c.yaml: not valid YAML: line 3, column 1: expected ',' or ']'"),
 ])

@@ -459,8 +459,8 @@ def test_a_long_id_is_cut_in_the_message(tmp_path):
 
 def test_targets_over_max_target_tokens(tmp_path, tiny_tokenizer):
     """Counted in the model's tokens (here the byte-level tokenizer: one token a byte, <|im_end|> one), the
-    think target or the caption alone; a target far over the limit is counted as "N+" without tokenising all of
-    it; the first record over is named by FILE:LINE with how many there are."""
+    think target or the caption alone; a target far over the limit is counted as "N+" without tokenising all
+    of it; the first record over is named by FILE:LINE with how many there are."""
     subjects = [{"name": "man", "attributes": [], "actions": []}]
     path = write_jsonl(tmp_path, [{**GOOD, "caption": "a" * 40, "subjects": subjects},
                                   {**GOOD, "caption": "b" * 200, "subjects": subjects},
@@ -473,9 +473,9 @@ def test_targets_over_max_target_tokens(tmp_path, tiny_tokenizer):
                                                                             2: f"{32 * (think + 2) - 1:,}+"}
     assert data.target_lengths(records, tiny_tokenizer, "think", think - 1) == {
         0: f"{think}", 1: f"{think + 160}", 2: f"{32 * (think + 1) - 1:,}+"}
-    with pytest.raises(DataError, match=re.escape(f"{path}:2: the target (the caption) is 201 tokens, over "
-                                                  f"data.max_target_tokens=41 (2 records in all: python prepare.py "
-                                                  f"--check {path} lists them); shorten the caption")):
+    message = (f"{path}:2: the target (the caption) is 201 tokens, over data.max_target_tokens=41 (2 records "
+               f"in all: python prepare.py --check {path} lists them); shorten the caption")
+    with pytest.raises(DataError, match=re.escape(message)):
         data.check_targets(records, tiny_tokenizer, "caption", 41, path)
     data.check_targets(records[:1], tiny_tokenizer, "caption", 41, path)
 

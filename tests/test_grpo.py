@@ -162,7 +162,8 @@ def wait_for_lines(path, n, proc, timeout=120):
 
 
 @pytest.mark.parametrize("sig, code, name", [(signal.SIGTERM, 0, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
-def test_sigterm_and_ctrl_c_write_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_path, sig, code, name):
+def test_sigterm_and_ctrl_c_write_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_path, sig, code,
+                                                                     name):
     """As a user stops a run: the step ends, a checkpoint is written, one line says so (Ctrl-C: one more on
     receipt), no traceback; exit 0 for SIGTERM (a scheduler's), 130 for Ctrl-C; the rerun resumes there."""
     path = tiny_model_dir("qwen2_vl")
@@ -178,8 +179,8 @@ def test_sigterm_and_ctrl_c_write_a_checkpoint_and_resume_continues(tiny_model_d
     assert proc.returncode == code, err[-3000:]
     assert f"{name}: checkpoint written at step" in out and "Traceback" not in err
     said = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("Ctrl-C")]
-    assert said == (["Ctrl-C: stopping after this step, with a checkpoint; Ctrl-C again stops at once, without "
-                     "one"] if name == "Ctrl-C" else [])
+    assert said == (["Ctrl-C: stopping after this step, with a checkpoint; Ctrl-C again stops at once, "
+                     "without one"] if name == "Ctrl-C" else [])
     step = int(out.split("checkpoint written at step ")[1].split(";")[0])
     assert sorted(os.listdir(tmp_path / "checkpoints")) == [f"step-{step:06d}"]
     assert not (tmp_path / "run.lock").exists()  # released
@@ -203,7 +204,8 @@ def test_a_live_run_keeps_its_folder_and_sigterm_in_the_warm_start_exits_0(tiny_
     wait_for_lines(tmp_path / "sft" / "metrics.jsonl", 1, first)
     second = run_grpo(args + ["train.steps=1"])
     assert second.returncode == 1 and len(second.stderr.splitlines()) == 1, second.stderr[-3000:]
-    assert second.stderr.startswith(f"grpo.py: train.out_dir={tmp_path} is in use by grpo.py pid {first.pid} on ")
+    assert second.stderr.startswith(f"grpo.py: train.out_dir={tmp_path} is in use by grpo.py pid {first.pid} "
+                                    "on ")
     assert sorted(os.listdir(tmp_path)) == ["run.lock", "sft"]  # the second wrote nothing
     first.send_signal(signal.SIGTERM)
     out, err = first.communicate(timeout=120)

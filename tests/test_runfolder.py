@@ -37,8 +37,8 @@ def test_a_second_start_is_refused_naming_the_folder_and_the_holder(tmp_path):
     with runfolder.hold(tmp_path / "run", "train.out_dir", "grpo.py") as lock:
         record = json.loads(open(lock.path).read())
         assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
-        other = subprocess.run([sys.executable, "-c", "import runfolder, sys\nwith runfolder.hold(sys.argv[1], "
-                                "'train.out_dir', 'grpo.py'): pass", str(tmp_path / "run")],
+        script = "import runfolder, sys\nwith runfolder.hold(sys.argv[1], 'train.out_dir', 'grpo.py'): pass"
+        other = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")],
                                capture_output=True, text=True, cwd=os.path.dirname(runfolder.__file__))
         assert other.returncode == 1
         message = other.stderr.strip().splitlines()[-1]
@@ -72,8 +72,8 @@ def test_a_stale_lock_on_this_machine_is_taken_over(tmp_path, capsys, live_pid, 
 
 def test_another_machines_lock_goes_stale_without_a_heartbeat(tmp_path, capsys):
     path = plant(tmp_path, host="node-b", pid=1234, pid_start=5)  # a pid this machine cannot check
-    with pytest.raises(LockError, match=r"pid 1234 on node-b.*last heartbeat was \d+ s ago; if that run is dead, "
-                                        r"the lock is taken over 300 s after"):
+    with pytest.raises(LockError, match=r"pid 1234 on node-b.*last heartbeat was \d+ s ago; if that run is "
+                                        r"dead, the lock is taken over 300 s after"):
         with runfolder.hold(tmp_path, "train.out_dir", "grpo.py"):
             pass
     old = time.time() - runfolder.STALE_AFTER - 10
@@ -100,7 +100,7 @@ def test_the_holder_beats_and_notices_a_lock_taken_from_under_it(tmp_path, monke
 
 def test_a_folder_that_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(LockError, match=r"^train.out_dir=.*file/run: cannot write into the folder \(disk full or "
-                                        r"not writable\?\): Not a directory$"):
+    message = r"^train.out_dir=.*file/run: cannot write into the folder \(disk full or not writable\?\): "
+    with pytest.raises(LockError, match=message + "Not a directory$"):
         with runfolder.hold(tmp_path / "file" / "run", "train.out_dir", "grpo.py"):
             pass

@@ -118,7 +118,8 @@ def test_an_unwritable_out_dir_is_refused_in_one_line(tmp_path, capsys):
     import grpo
     (tmp_path / "file").write_text("")
     folder = tmp_path / "file" / "run"
-    for main, key in [(sft.main, "sft.out_dir"), (grpo.main, "train.out_dir"), (evaluate.main, "eval.out_dir")]:
+    for main, key in [(sft.main, "sft.out_dir"), (grpo.main, "train.out_dir"),
+                      (evaluate.main, "eval.out_dir")]:
         with pytest.raises(SystemExit) as stop:
             main([DEMO, f"{key}={folder}", "model.build_tiny="])
         message = str(stop.value.code)
@@ -141,8 +142,8 @@ def test_a_record_over_max_target_tokens_is_refused_at_start(tiny_model_dir, tmp
         raise AssertionError("a step ran with the 1 MB target")  # where the old code spent 4.2 GB and minutes
     monkeypatch.setattr(sft, "train_step", step)
     start = time.time()
-    with pytest.raises(data.DataError, match=rf"^{train}:2: the target \(<think>subjects</think><answer>caption"
-                                             r"</answer>\) is [\d,]+\+ tokens, over data.max_target_tokens=2048; "
-                                             "shorten the caption"):
+    with pytest.raises(data.DataError, match=rf"^{train}:2: the target \(<think>subjects</think><answer>"
+                                             r"caption</answer>\) is [\d,]+\+ tokens, over "
+                                             "data.max_target_tokens=2048; shorten the caption"):
         sft.train(sft_cfg(tiny_model_dir("qwen2_vl"), tmp_path / "out", f"data.train={train}"))
     assert time.time() - start < 30 and not (tmp_path / "out" / "metrics.jsonl").exists()

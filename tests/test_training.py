@@ -353,8 +353,8 @@ def test_sigterm_and_ctrl_c_wait_for_the_end_of_the_step():
 
 
 @pytest.mark.parametrize("error, code, line", [
-    (KeyboardInterrupt(), 130, "x.py: Ctrl-C: stopped at once; the checkpoints written so far are intact: rerun "
-                               "the same command to resume"),
+    (KeyboardInterrupt(), 130, "x.py: Ctrl-C: stopped at once; the checkpoints written so far are intact: "
+                               "rerun the same command to resume"),
     (training.Terminated(), 0, "x.py: SIGTERM: stopped at once;"),
     (training.Stopped("Ctrl-C", 130), 130, None),
 ])
@@ -385,9 +385,10 @@ def test_an_export_is_replaced_whole_and_a_kill_midway_is_undone(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         checkpoint.replace_folder(str(new), str(export))
     monkeypatch.setattr(os, "rename", rename)
-    assert not export.exists() and sorted(os.listdir(tmp_path / "export.old")) == ["config.json", "tokenizer.json"]
-    with pytest.raises(model.ModelError, match=r"a run stopped while replacing this export; the previous one is "
-                                               r".*export.old: rerun the training command"):
+    assert not export.exists()
+    assert sorted(os.listdir(tmp_path / "export.old")) == ["config.json", "tokenizer.json"]
+    with pytest.raises(model.ModelError, match=r"a run stopped while replacing this export; the previous one "
+                                               r"is .*export.old: rerun the training command"):
         model.check_folder(str(export), config.ModelConfig())
     checkpoint.recover_export(str(export))
     assert (export / "config.json").read_text() == "old" and not (tmp_path / "export.old").exists()
