@@ -283,7 +283,7 @@ def read_video(path, cfg, factor=28) -> tuple[torch.Tensor, float]:
     / duration. Any problem with the file raises VideoError("PATH: cause")."""
     import decord
     if not os.path.isfile(path):
-        raise VideoError(f"{path}: no such file")
+        raise VideoError(f"{snippet(path, 1000, bare=True)}: no such file")  # a path from a 4 MB id: cut
     try:  # decord indexes every packet when it opens a file: a cut or corrupt stream fails here
         reader = decord.VideoReader(path)
     except (RuntimeError, decord.DECORDError) as e:

@@ -455,6 +455,9 @@ def test_a_long_id_is_cut_in_the_message(tmp_path):
         data.load_records(path)
     assert str(error.value).startswith(f"{path}:2: duplicate id 'vvv") and len(str(error.value)) < 300
     assert "(4,000,000 characters) (first on line 1)" in str(error.value)
+    with pytest.raises(data.VideoError) as error:  # a benchmark's video path made from such an id
+        data.read_video(str(tmp_path / f"{huge}.mp4"), DataConfig())
+    assert str(error.value).endswith(" characters): no such file") and len(str(error.value)) < 1100
 
 
 def test_targets_over_max_target_tokens(tmp_path, tiny_tokenizer):
