@@ -493,6 +493,25 @@ def test_a_second_evaluation_of_one_out_dir_is_refused(tmp_path):
     assert len(proc.stderr.splitlines()) == 1
 
 
+@pytest.mark.parametrize("error, code, line", [
+    (KeyboardInterrupt(), 130, "evaluate: Ctrl-C: stopped at once; the captions written so far are kept: rerun "
+                               "the same command to continue"),
+    (OSError(28, "No space left on device", "x/predictions.jsonl.rank0"), 1,
+     "evaluate: cannot write x/predictions.jsonl.rank0 (disk full or not writable?): No space left on device"),
+])
+def test_ctrl_c_and_a_full_disk_end_evaluate_in_one_line(tmp_path, monkeypatch, capsys, error, code, line):
+    def stopped(cfg):
+        raise error
+    monkeypatch.setattr(evaluate, "evaluate", stopped)
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main([f"eval.out_dir={tmp_path}"])
+    if code == 130:
+        assert stop.value.code == 130 and capsys.readouterr().err.strip() == line
+    else:  # sys.exit(message): the message on stderr, exit status 1
+        assert stop.value.code == line
+    assert not (tmp_path / "run.lock").exists()  # released
+
+
 def test_a_prompt_file_replaces_the_builtin_wording(tmp_path, judge_server, judge_cfg):
     (tmp_path / "answer.txt").write_text(scoring.TEMPLATES["vdc_answer"].split("\n")[0] +
                                          "\nOFFICIAL WORDING. detailed description: {caption}, "
