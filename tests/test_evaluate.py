@@ -494,8 +494,8 @@ def test_a_second_evaluation_of_one_out_dir_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("error, code, line", [
-    (KeyboardInterrupt(), 130,
-     "evaluate: Ctrl-C: stopped at once; the captions written so far are kept: rerun the same command to continue"),
+    (KeyboardInterrupt(), 130, "evaluate: Ctrl-C: stopped at once; the captions written so far are kept: "
+                               "rerun the same command to continue"),
     (OSError(28, "No space left on device", "x/preds.jsonl.rank0"), 1,
      "evaluate: cannot write x/preds.jsonl.rank0 (disk full or not writable?): No space left on device"),
 ])
