@@ -18,12 +18,14 @@ What this file holds, in order:
 A new numeric key takes two edits: its field here, with its range, and its line in config.yaml, with its
 comment (tests/test_config.py checks both). Dotted `key=value` overrides on the command line are parsed
 as YAML scalars (so `train.lr=1e-6` is a float and `data.train=x.jsonl` a string). Unknown keys and wrong
-types stop with the closest valid name. `save_config` writes the resolved config into the run folder; it
-holds no secrets because the judge's API key is only ever named (`judge.api_key_env`), never stored.
+types stop with the closest valid name; a key typed `X | None` takes null. `save_config` writes the
+config it is given into the run folder: the programs give it judge.redacted_config(cfg), whose judge.url
+holds no credentials, and the judge's API key is only ever named (`judge.api_key_env`), never stored.
 """
 import dataclasses
 import difflib
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -72,6 +74,7 @@ RESUME_WORDS = ("auto", "never")                                              # 
 LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")  # train.loss_agg
 ADV_SCALES = ("group", "batch", "none")                                       # train.adv_scale
 SFT_TARGETS = ("think", "caption")                                            # sft.target
+REPLY_PARSING = ("official", "tolerant")                                      # eval.reply_parsing
 PREFIX_ATTENTION = ("sdpa", "eager")  # the model.attn_implementation values train.prefix_shared works with
 
 
@@ -96,6 +99,7 @@ class ModelConfig:
     tiny_vocab: int = setting(0, non_negative)
     tiny_hidden: int = setting(64, multiple_of_64)
     tiny_layers: int = setting(2, positive)
+    tiny_init_std: float = setting(0.2, positive)
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = True
@@ -173,8 +177,8 @@ class JudgeConfig:
     max_backoff: float = setting(60.0, non_negative)
     malformed_retries: int = setting(3, non_negative)
     concurrency: int = setting(16, positive)
-    max_tokens: int = setting(1024, positive)
-    temperature: float = setting(0.0, non_negative)
+    max_tokens: int | None = setting(1024, positive)     # None: not sent (the server's default)
+    temperature: float | None = setting(0.0, non_negative)
     cache_dir: str = "runs/judge-cache"
     health_check: bool = True
     max_failed_share: float = setting(0.5, share)
@@ -256,6 +260,9 @@ class EvalConfig:
         default_factory=lambda: ["camera", "short", "background", "main_object", "detailed"])
     limit: int = setting(0, non_negative)
     malformed_retries: int = setting(9, non_negative)
+    reply_parsing: str = setting("official", choices=REPLY_PARSING, or_list=True)
+    judge_temperature: float | None = setting(None, non_negative)  # None: not sent, as officially
+    judge_max_tokens: int | None = setting(None, positive)
     prompts: dict[str, str] = field(default_factory=dict)
 
 
@@ -276,8 +283,11 @@ class Config:
 
 def _check(value, tp, where):
     """Return `value` as type `tp`, or raise ConfigError. Ints are accepted for floats
-    (YAML writes 1 for 1.0); nothing else is coerced."""
+    (YAML writes 1 for 1.0); nothing else is coerced. `X | None` takes null (None) or an X."""
     origin = typing.get_origin(tp)
+    if origin is types.UnionType:
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _check(value, inner, where)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {snippet(value)}")
@@ -431,7 +441,7 @@ def validate(cfg):
     flip the gradient's sign; delta1 above delta2 would make the step function's middle step empty): each
     field's range (`setting(default, within)`), ORDERED and WEIGHTED. load_config calls it."""
     problems = [f"{key} {within.must}, got {snippet(value)}" for key, value, f in fields_of(cfg)
-                if (within := f.metadata.get("range")) and not within.ok(value)]
+                if (within := f.metadata.get("range")) and value is not None and not within.ok(value)]
     for lower, upper in ORDERED:
         if _get(cfg, lower) > _get(cfg, upper):
             problems.append(f"{lower}={_get(cfg, lower)!r} must not exceed {upper}={_get(cfg, upper)!r}")

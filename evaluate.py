@@ -209,9 +209,13 @@ def score_structure(items, outputs, think_cfg):
     (rewards.format_score) and the mean Tscore where the annotations carry subjects (the demo's held-out
     clips do, in extra_info.subjects; the official benchmarks do not). Figures are None without outputs."""
     parsed = [(it, rewards.parse_output(o)) for it, o in zip(items, outputs) if o is not None]
-    think = [rewards.think_score(p, it.subjects, think_cfg)[0] for it, p in parsed if it.subjects is not None]
+    annotated = [(it, p) for it, p in parsed if it.subjects is not None]
+    think = [rewards.think_score(p, it.subjects, think_cfg)[0] for it, p in annotated]
+    named = sum(rewards.subjects_named(p, it.subjects) for it, p in annotated)
+    subjects = sum(len(it.subjects) for it, _ in annotated)
     return {"outputs": len(parsed), "format": scoring.mean([rewards.format_score(p) for _, p in parsed]),
-            "think": scoring.mean(think), "think_outputs": len(think)}
+            "think": scoring.mean(think), "think_outputs": len(think),
+            "named": named / subjects if subjects else None, "subjects": subjects}
 
 
 def score(cfg, items, everything, pred_path):
@@ -227,15 +231,18 @@ def score(cfg, items, everything, pred_path):
     scores = []
     with tqdm(total=len(items), desc=f"scoring {e.benchmark}") as bar:
         for lo in range(0, len(items), chunk):
-            scores += scoring.score_chunk(e.benchmark, items[lo:lo + chunk], answers[lo:lo + chunk], judge)
+            scores += scoring.score_chunk(e.benchmark, items[lo:lo + chunk], answers[lo:lo + chunk], judge,
+                                          official=e.reply_parsing == "official")
             bar.update(len(items[lo:lo + chunk]))
     videos = len({it.id for it in items})
     results = {
         "benchmark": e.benchmark, "annotations": e.annotations, "predictions": pred_path,
         "model": ", ".join(models) or "unknown (predictions made elsewhere)",
         "sections": e.vdc_sections if e.benchmark == "vdc" else None,
-        "judge": {"model": judge.describe() if cfg.judge.url == "lexical" else cfg.judge.model,
-                  "url": cfg.judge.url, "malformed_retries": e.malformed_retries,
+        "judge": {"model": judge.describe() if cfg.judge.url in ("lexical", "world") else cfg.judge.model,
+                  "url": judge_lib.redact_url(cfg.judge.url), "malformed_retries": e.malformed_retries,
+                  "reply_parsing": e.reply_parsing, "temperature": e.judge_temperature,
+                  "max_tokens": e.judge_max_tokens,
                   "tasks_per_video": judge.stats["tasks"] / max(videos, 1), "stats": judge.stats},
         "videos": {"total": videos, "items": len(items), "caption_failed": sum(a is None for a in answers),
                    "missing": missing},
@@ -248,6 +255,10 @@ def score(cfg, items, everything, pred_path):
     Path(e.out_dir, "results.json").write_text(json.dumps(results, indent=1))
     Path(e.out_dir, "results.md").write_text(markdown(results))
     return results
+
+
+def _setting(value):
+    return "not sent (the server's default)" if value is None else value
 
 
 def _pct(x, scale=100.0, digits=1):
@@ -280,14 +291,20 @@ def markdown(results):
     b, judge, pub = results["benchmark"], results["judge"], results["published"]
     lines = [f"# {b}: {results['model']}", "",
              f"- judge: {judge['model']}, judge.url={judge['url']} "
-             f"({judge['tasks_per_video']:.1f} tasks per video, {judge['stats']['failures']} failed)",
+             f"({judge['tasks_per_video']:.1f} tasks per video, {judge['stats']['failures']} failed); "
+             f"replies read by the {judge['reply_parsing']} rules, temperature "
+             f"{_setting(judge['temperature'])}, max_tokens {_setting(judge['max_tokens'])}",
              f"- videos: {results['videos']['total']} ({results['videos']['items']} captions), "
              f"{results['videos']['caption_failed']} captions failed or missing",
              f"- predictions: {results['predictions']}; annotations: {results['annotations']}"]
-    if s := results.get("structure"):
+    if (s := results.get("structure")) and not s["outputs"]:
+        lines.append("- structured thinking: not measured (the predictions hold answers only, no raw "
+                     "outputs)")
+    elif s:
         lines.append(f"- structured thinking: {_pct(s['format'])}% of {s['outputs']} outputs in the "
                      f"<think>/<answer> format; Tscore {_pct(s['think'], 1, 3)} over the "
-                     f"{s['think_outputs']} with annotated subjects")
+                     f"{s['think_outputs']} with annotated subjects, which name {_pct(s.get('named'))}% of "
+                     f"their {s.get('subjects', 0)} subjects (every word of the subject's name)")
     lines.append("")
     if b == "vdc":
         lines += [f"Sections run: {', '.join(results['sections'])}", "", *_vdc_table(results["metrics"])]
@@ -316,7 +333,8 @@ def headline(results):
         out = {f"{name} {k} (%)": (table["overall"][k], 100) for name, table in m.items()
                for k in ("f1", "precision", "recall")}
     if s := results.get("structure"):
-        out.update({"<think>/<answer> format (%)": (s["format"], 100), "Tscore (0-1)": (s["think"], 1)})
+        out.update({"<think>/<answer> format (%)": (s["format"], 100), "Tscore (0-1)": (s["think"], 1),
+                    "subjects named (%)": (s.get("named"), 100)})
     return out
 
 
@@ -351,7 +369,7 @@ def evaluate(cfg):
         return after
     everything = benchmarks.load_items(cfg)
     items = first_videos(everything, e.limit)
-    scoring.check_prompts(e.prompts)
+    scoring.check_eval(e)
     pred_path = predictions_file(e)
     if e.score_only:
         if int(os.environ.get("RANK", 0)):  # started by torchrun anyway: one scorer is enough
@@ -367,12 +385,12 @@ def evaluate(cfg):
         if rank == 0:
             os.makedirs(os.path.dirname(os.path.abspath(pred_path)), exist_ok=True)
             os.makedirs(e.out_dir, exist_ok=True)
-            config_lib.save_config(cfg, os.path.join(e.out_dir, "config.yaml"))
+            config_lib.save_config(judge_lib.redacted_config(cfg), os.path.join(e.out_dir, "config.yaml"))
             if not e.model and cfg.model.build_tiny and not os.path.exists(cfg.model.path):
                 import model as model_lib  # the demo's tiny random model, as grpo.py builds it
                 texts = data.tokenizer_texts(data.load_records(cfg.data.train), Path(cfg.data.prompt_file)
                                              .read_text().strip()) if cfg.model.tiny_vocab else ()
-                model_lib.build_configured(cfg.model, cfg.seed, texts)
+                model_lib.build_configured(cfg.model, cfg.data, cfg.seed, texts)
             merge(pred_path)  # leftovers of an interrupted run
         dist.barrier()
         start = time.perf_counter()

@@ -388,7 +388,7 @@ def run(cfg, reward_fn, rank, world, device, mesh):
     checkpoint.check_shared(os.path.join(t.out_dir, "checkpoints"))
 
     # model: the policy (fp32 master weights, bf16 compute on GPU) and the frozen reference (bf16 on GPU)
-    training.ensure_model(cfg.model, cfg.seed, data.tokenizer_texts(records, instruction))
+    training.ensure_model(cfg.model, cfg.data, cfg.seed, data.tokenizer_texts(records, instruction))
     training.check_targets(cfg.model, "think", cfg.data.max_target_tokens, (records, cfg.data.train),
                            (val, cfg.data.val))
     policy, tokenizer, model_type = training.load_policy(cfg.model, device, mesh)
@@ -417,7 +417,8 @@ def run(cfg, reward_fn, rank, world, device, mesh):
             return rewards.compute_rewards(texts, recs, cfg.reward, judge)
 
     optimizer = training.make_optimizer(policy, t)
-    settings = config_lib.settings(cfg, ("model", "data", "sampling", "reward", "judge", "train"),
+    shown = judge_lib.redacted_config(cfg)  # recorded, saved and logged: judge.url without credentials
+    settings = config_lib.settings(shown, ("model", "data", "sampling", "reward", "judge", "train"),
                                    leave_out=("train.resume",))
     start, extra, resumed_from = checkpoint.resume(t, policy, optimizer, rank, settings, FIXED_ON_RESUME)
     nonfinite_run = 0
@@ -428,8 +429,8 @@ def run(cfg, reward_fn, rank, world, device, mesh):
         print0(f"resumed from {resumed_from} at step {start}")
     if rank == 0:
         os.makedirs(t.out_dir, exist_ok=True)
-        config_lib.save_config(cfg, os.path.join(t.out_dir, "config.yaml"))
-    log = training.make_logger(t, config_lib.to_dict(cfg), rank)
+        config_lib.save_config(shown, os.path.join(t.out_dir, "config.yaml"))
+    log = training.make_logger(t, config_lib.to_dict(shown), rank)
 
     def save(step):
         extra = {"step": step, "nonfinite_run": nonfinite_run, "data": stream.state_dict(),
@@ -455,12 +456,13 @@ def run(cfg, reward_fn, rank, world, device, mesh):
             metrics.update(lr=lr, bad_videos=stream.bad, epoch=stream.epoch,
                            peak_mem_gb=training.peak_memory_gb(device))
             judged.append(metrics["judge_failed_groups"])
-            if judge_gone(judged, cfg.judge):
+            if judge_gone(judged, cfg.judge, t.steps - start):
                 log(metrics, step + 1)
                 save(step + 1)
                 if rank == 0:
                     print(summary(t.out_dir, t))
-                raise JudgeOutage(outage_message(judged, cfg.judge, judge, step + 1))
+                raise JudgeOutage(outage_message(judged, cfg.judge, judge, step + 1,
+                                                  step + 1 == t.steps))
             if t.eval_every and (step + 1) % t.eval_every == 0:
                 metrics.update(heldout_rewards(policy, heldout, reward_fn, cfg, tokens, device))
             if (step + 1) % t.log_every == 0:
@@ -478,20 +480,30 @@ def run(cfg, reward_fn, rank, world, device, mesh):
     return metrics
 
 
-def judge_gone(judged, judge_cfg):
-    """Whether the share of groups whose judging failed, over the last judge.failed_window steps, is above
-    judge.max_failed_share (judged: that share per step so far)."""
-    window = judge_cfg.failed_window
+def judge_window(judge_cfg, steps):
+    """The steps whose judging is weighed: the last judge.failed_window, or all when the run does fewer."""
+    return max(1, min(judge_cfg.failed_window, steps))
+
+
+def judge_gone(judged, judge_cfg, steps):
+    """Whether the share of groups whose judging failed, over the last judge_window steps of a run of
+    `steps` steps (this process's), is above judge.max_failed_share (judged: that share per step so far).
+    A run shorter than judge.failed_window is weighed over all its steps, so its end cannot pass for a
+    success when its judge was down."""
+    window = judge_window(judge_cfg, steps)
     return len(judged) >= window and sum(judged[-window:]) / window > judge_cfg.max_failed_share
 
 
-def outage_message(judged, judge_cfg, judge, step):
-    window = judge_cfg.failed_window
+def outage_message(judged, judge_cfg, judge, step, final):
+    """Why the run stops (judge_gone held after `step`; final: it was the run's last step)."""
+    window = min(judge_cfg.failed_window, len(judged))  # judge_window's, once judge_gone holds
     last = getattr(judge, "last_error", "") or "see the messages above"
+    then = ("this was the last step, so a rerun would only export it: start a new run (train.resume=never) "
+            "to train with judged rewards" if final else "rerun the same command to resume")
     return (f"judging failed for {sum(judged[-window:]) / window:.0%} of the groups of the last {window} "
-            f"steps, above judge.max_failed_share={judge_cfg.max_failed_share} (last judge error: {last}). "
-            f"A checkpoint is written at step {step}: bring the judge back ({judge_cfg.url}) and rerun the "
-            "same command to resume")
+            f"steps, above judge.max_failed_share={judge_cfg.max_failed_share} (judge "
+            f"{judge_lib.redact_url(judge_cfg.url)}; last judge error: {last}). A checkpoint is written at "
+            f"step {step}: bring the judge back and {then}")
 
 
 def summary(out, t):

@@ -8,8 +8,9 @@
 This file holds the judge tasks of the reward (extract_events, entail, rate_cn: their prompts, their
 reply parsers, the lexical judge's answers), the Task that every caller's judge step is, prompt
 rendering, lenient decoding of the JSON in a reply (decode_reply; rewards.py's think parser decodes
-with decode_json too), the two judges (HTTPJudge, LexicalJudge) and make_judge. It imports no other
-file of the project.
+with decode_json too), credentials in judge.url kept out of sight (redact_url, redacted_config,
+which the programs save and record), the two judges (HTTPJudge, LexicalJudge) and make_judge. It
+imports no other file of the project.
 
 Decisions where the paper is silent (docs/design.md, section 2):
 - A judge task that still fails after its retries gives None (the caller counts it; the reward gives
@@ -23,9 +24,13 @@ Decisions where the paper is silent (docs/design.md, section 2):
   re-asks the identical question, as the official scripts do (make_judge's `feedback`).
 """
 import ast
+import base64
+import dataclasses
+import email.utils
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -34,13 +39,17 @@ import threading
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Callable
 
 import requests
+import urllib3
+
+import world
 
 MAX_JSON = 64 * 1024   # longest think block or judge reply decoded; real ones are < 8 KB
 MAX_DEPTH = 32         # deepest nesting decoded; the think schema needs 3
+MAX_BODY = 4 * 1024 * 1024  # largest HTTP body read from the judge, refused while it streams in (a reply
+                            # of 1024 tokens is ~5 KB, of a server's default 16K tokens < 100 KB)
 LABELS = ("entailment", "neutral", "contradiction")
 
 
@@ -97,7 +106,7 @@ def decode_json(s, python):
     try:
         return ast.literal_eval(s)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        raise ValueError("neither JSON nor a Python literal") from None
+        raise ValueError(f"neither JSON nor a Python literal: {s[:80]!r}") from None
 
 
 def decode_reply(text: str):
@@ -179,7 +188,7 @@ FIELD = re.compile(r"\{(\w+)\}")  # a {field} of a template
 _WRAPPED = re.compile(r"<(\w+)>\s*\{\1\}\s*</\1>")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Task:
     """One question for the judge. `name` selects the prompt: judge.prompts[name] (a file)
     when set, else `text`; `fields` fill its {fields}; `parse` maps the reply text to the
@@ -315,6 +324,42 @@ def rate_cn_task(reference: str, candidate: str, max_score: int) -> Task:
     return Task("rate_cn", TEMPLATES["rate_cn"], fields,
                 functools.partial(_parse_cn, max_score=max_score), _lexical_cn)
 
+# ---------------------------------------------------------------- secrets in judge.url
+
+
+def redact_url(url: str) -> str:
+    """judge.url as it may be shown or stored: credentials in it (http://user:pass@host/v1) become ***
+    (http://***@host/v1). Every message, log, saved config, checkpoint record and result shows this form.
+
+    >>> redact_url("http://user:p%40ss@127.0.0.1:4000/v1")
+    'http://***@127.0.0.1:4000/v1'
+    """
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def redacted_config(cfg):
+    """The whole config (config.Config) with judge.url's credentials redacted: what a program saves
+    (config.yaml), records (a checkpoint's settings, results.json) or logs. Requests use the real one."""
+    if redact_url(cfg.judge.url) == cfg.judge.url:
+        return cfg
+    return dataclasses.replace(cfg, judge=dataclasses.replace(cfg.judge, url=redact_url(cfg.judge.url)))
+
+
+def url_secrets(url: str) -> set[str]:
+    """The forms in which judge.url's password can come back in a server's text: as written, decoded,
+    URL-encoded, and inside the Basic authorization that requests derives from it."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return set()
+    user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password)
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+    quoted = urllib.parse.quote(password, safe=""), urllib.parse.quote_plus(password)
+    forms = {parts.password, password, *quoted, basic}
+    return {f for f in forms if f}
+
 # ---------------------------------------------------------------- judges
 
 
@@ -357,6 +402,25 @@ class LexicalJudge(_Judge):
         return [t.parse(t.lexical(t.fields)) for t in tasks]
 
 
+class WorldJudge(LexicalJudge):
+    """Answers the tasks about events (extract_events, entail, rate_cn) exactly for sentences of the
+    procedural world's grammar (world.py), from its facts; a sentence outside it is neutral. Other tasks
+    (the data preparation's subjects, CaReBench's objects, VDC's questions) get the lexical judge's answer.
+    Not an LLM: a stand-in whose verdicts are right by construction on the world's clips."""
+
+    def __init__(self):
+        _Judge.__init__(self)
+        print("=" * 72 + "\nJUDGE: the world's grammar (world.py), NOT an LLM: exact for the procedural\n"
+              "world's sentences, neutral on any other.\n" + "=" * 72, file=sys.stderr)
+
+    def describe(self):
+        return "world (the procedural world's grammar, not an LLM)"
+
+    def ask(self, tasks):
+        self.stats["tasks"] += len(tasks)
+        return [t.parse(world.ANSWERS.get(t.name, t.lexical)(t.fields)) for t in tasks]
+
+
 def _feedback(messages, reply, error, cut):
     """The re-ask of a malformed reply: the question, the reply, and what was wrong with it."""
     why = f"{error}; it was cut off at the length limit, so answer more briefly" if cut else error
@@ -365,25 +429,71 @@ def _feedback(messages, reply, error, cut):
                                                    "above again, in exactly the form it asks for."}]
 
 
+def _completion(text):
+    """A 200's body -> (reply text, finish_reason); ValueError when it holds no chat completion."""
+    try:
+        choice = json.loads(text)["choices"][0]
+        reply = choice["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ValueError(f"HTTP 200 without a chat completion: {text[:120]!r}") from None
+    if not isinstance(reply, str):
+        raise ValueError("HTTP 200 with a non-text reply")
+    return reply, choice.get("finish_reason")
+
+
+class _Failed(Exception):
+    """One HTTP attempt that got no usable response (connection, timeout, deadline, a body too large):
+    retried like a 5xx."""
+
+
+RETRY_AFTER = ("retry-after-ms", "retry-after", "llm_provider-retry-after")  # LiteLLM prefixes a backend's
+
+
+def server_wait(headers) -> float | None:
+    """Seconds a 429 or 5xx asks us to wait: retry-after-ms (milliseconds), Retry-After (seconds or an
+    HTTP date), or LiteLLM's llm_provider-retry-after (the backend's Retry-After it passes on), the first
+    that reads as a number >= 0; None when none does.
+
+    >>> server_wait({"llm_provider-retry-after": "60"}), server_wait({"retry-after-ms": "1500"})
+    (60.0, 1.5)
+    """
+    named = {k.lower(): v for k, v in headers.items()}
+    for name in RETRY_AFTER:
+        value = (named.get(name) or "").strip()
+        try:
+            seconds = float(value) / (1000 if name.endswith("-ms") else 1)
+        except ValueError:
+            try:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError):
+                continue
+        if seconds >= 0 and math.isfinite(seconds):
+            return seconds
+    return None
+
+
 class HTTPJudge(_Judge):
     """An OpenAI-compatible chat-completions server, asked concurrently, with retries and
     an on-disk cache. The API key is read from os.environ[cfg.api_key_env], sent only in
-    the Authorization header, and redacted from every body the server sends before anything
-    reads it: no message, cache file or prepared record can hold it. feedback=True re-asks a
-    malformed reply with it and its parse error appended; False asks the same bytes again.
+    the Authorization header, and redacted, with credentials in judge.url (url_secrets), from
+    every body the server sends before anything reads it: no message, cache file or prepared
+    record can hold them; judge.url itself is shown as redact_url shows it. feedback=True re-asks
+    a malformed reply with it and its parse error appended; False asks the same bytes again.
+    cfg.temperature and cfg.max_tokens are sent only when set (None: the server's defaults).
 
-    judge.timeout runs from sending a request to its reply, time queued on the server
-    included: a server answering s requests at a time, each in up to t seconds, answers the
-    last of judge.concurrency = c after about ceil(c / s) * t. Keep timeout above that, or
-    lower concurrency to s (s = 1 for `transformers serve`), else queued requests time out."""
+    judge.timeout bounds each request as a whole: connecting, the server's queue and the body,
+    which is read as it streams in and refused past MAX_BODY bytes. A server answering s
+    requests at a time, each in up to t seconds, answers the last of judge.concurrency = c
+    after about ceil(c / s) * t: keep timeout above that, or lower concurrency to s (s = 1 for
+    `transformers serve`), else queued requests time out."""
 
     def __init__(self, cfg, feedback=True):
         super().__init__()
         self.cfg, self.url, self.feedback = cfg, cfg.url.rstrip("/"), feedback
         self._key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
-        # the key as written and URL-encoded (a server or proxy quoting a URL): what _redact removes
-        self._key_forms = {self._key, urllib.parse.quote(self._key, safe=""),
-                           urllib.parse.quote_plus(self._key)} if self._key else set()
+        # the key as written and URL-encoded (a server or proxy quoting a URL), and the URL's credentials
+        forms = {self._key, urllib.parse.quote(self._key, safe=""), urllib.parse.quote_plus(self._key)}
+        self._secrets = sorted({f for f in forms if f} | url_secrets(cfg.url), key=len, reverse=True)
         # the files replacing scoring.py's and prepare.py's templates are checked there, before any work
         self.prompts = {name: read_prompt(f"judge.prompts.{name}", path, TEMPLATES.get(name))
                         for name, path in cfg.prompts.items()}
@@ -394,7 +504,7 @@ class HTTPJudge(_Judge):
         self.last_error = ""  # why the latest failed task failed
 
     def describe(self):
-        return f"{self.cfg.model} @ {self.url}"
+        return f"{self.cfg.model} @ {redact_url(self.url)}"
 
     @property
     def error_here(self):
@@ -406,8 +516,8 @@ class HTTPJudge(_Judge):
         self._pool.shutdown()
 
     def _redact(self, text):
-        """text without the API key, as written or URL-encoded."""
-        for form in self._key_forms:
+        """text without the API key and judge.url's credentials, as written or encoded."""
+        for form in self._secrets:
             text = text.replace(form, "***")
         return text
 
@@ -416,16 +526,49 @@ class HTTPJudge(_Judge):
             self.stats[key] += n
 
     def _post(self, path, body=None):
-        """GET (body None) or POST one request -> (response, its body text with the key redacted):
-        the only place a body is read, so a server or proxy echoing our headers shows nothing."""
+        """GET (body None) or POST one request within judge.timeout -> (response, its body text with the
+        secrets redacted): the only place a body is read, so a server or proxy echoing our headers shows
+        nothing. Raises _Failed when no complete response came in time."""
         session = getattr(self._local, "session", None) or requests.Session()
         self._local.session = session  # one Session per pool thread: Sessions are not thread-safe
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
-        if body is None:
-            r = session.get(self.url + path, headers=headers, timeout=self.cfg.timeout)
-        else:
-            r = session.post(self.url + path, json=body, headers=headers, timeout=self.cfg.timeout)
-        return r, self._redact(r.text)
+        deadline = time.monotonic() + self.cfg.timeout
+        try:
+            r = (session.get(self.url + path, headers=headers, timeout=self.cfg.timeout, stream=True)
+                 if body is None else
+                 session.post(self.url + path, json=body, headers=headers, timeout=self.cfg.timeout,
+                              stream=True))
+        except requests.Timeout as e:  # queued time counts: see the class docstring
+            raise _Failed(f"{type(e).__name__} after judge.timeout={self.cfg.timeout:g} s") from None
+        except requests.RequestException as e:
+            raise _Failed(type(e).__name__) from None
+        with r:
+            raw = self._read_body(r, deadline)
+        return r, self._redact(raw.decode(r.encoding or "utf-8", errors="replace"))
+
+    def _read_body(self, r, deadline):
+        """The body of a streamed response, each read given only the time left before `deadline`, refused
+        beyond MAX_BODY bytes: a server trickling its body cannot hold a call past judge.timeout, nor a
+        huge one fill memory."""
+        sock = getattr(r.raw.connection, "sock", None)  # urllib3 resets its timeout on the next request
+        body, late = bytearray(), f"the body was still arriving at judge.timeout={self.cfg.timeout:g} s"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Failed(late)
+            if sock is not None:
+                sock.settimeout(left)
+            try:
+                chunk = r.raw.read1(64 * 1024, decode_content=True)
+            except (TimeoutError, urllib3.exceptions.ReadTimeoutError):
+                raise _Failed(late) from None
+            except (OSError, urllib3.exceptions.HTTPError) as e:
+                raise _Failed(type(e).__name__) from None
+            if not chunk:
+                return bytes(body)
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise _Failed(f"a body over {MAX_BODY // 2 ** 20} MiB (judge.MAX_BODY) was refused")
 
     def _refused(self, status):
         """What a 401 or 403 means here: the key was refused, or none was sent."""
@@ -436,69 +579,73 @@ class HTTPJudge(_Judge):
         return (f"HTTP {status}: no key was sent ({unset}); put the server's key in the environment "
                 "variable that judge.api_key_env names")
 
-    def _request(self, messages, max_tokens=None):
-        """One chat completion -> (reply text, finish_reason). Retries connection errors, timeouts,
-        429 (waiting Retry-After, capped at max_backoff) and 5xx with doubling backoff; raises
-        JudgeError at once on another status, ValueError on a 200 without a reply."""
-        body = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
-                "max_tokens": max_tokens or self.cfg.max_tokens}
-        for attempt in range(self.cfg.retries + 1):
+    def _status(self, r, text):
+        """Why a response other than 200 failed, in one line with the server's words."""
+        if r.status_code in (401, 403):
+            return f"{self._refused(r.status_code)}: {text[:200]}"
+        if r.status_code == 400 and "No connected db" in text:  # LiteLLM without a database, any key
+            return (f"HTTP 400: {text[:200]} (LiteLLM answers this when the key is not its master key and "
+                    f"it has no database of other keys: check the key in ${self.cfg.api_key_env})")
+        return f"HTTP {r.status_code}: {text[:300]}"
+
+    def _request(self, messages, max_tokens=None, retries=None, sent=None):
+        """One chat completion -> (reply text, finish_reason). Retries (judge.retries, or `retries`) no
+        response in time, 429 and 5xx with doubling backoff, waiting instead what the server asks
+        (server_wait), capped at judge.max_backoff; raises JudgeError at once on another status,
+        ValueError on a 200 without a reply. `sent`, a list, gets one item per HTTP request."""
+        body = {"model": self.cfg.model, "messages": messages}
+        asked = {"temperature": self.cfg.temperature, "max_tokens": max_tokens or self.cfg.max_tokens}
+        for key, value in asked.items():
+            if value is not None:  # unset: the server's default, as the official scorers leave it
+                body[key] = value
+        retries = self.cfg.retries if retries is None else retries
+        for attempt in range(retries + 1):
             self._count("requests")
+            if sent is not None:
+                sent.append(1)
             delay = min(self.cfg.backoff * 2 ** attempt, self.cfg.max_backoff)
             try:
                 r, text = self._post("/chat/completions", body)
-            except requests.Timeout as e:  # queued time counts: see the class docstring
-                why = f"{type(e).__name__} after judge.timeout={self.cfg.timeout:g} s"
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
-                why = type(e).__name__
+            except _Failed as e:
+                why = str(e)
             else:
                 if r.status_code == 200:
-                    try:
-                        choice = json.loads(text)["choices"][0]
-                        reply = choice["message"]["content"]
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        raise ValueError(f"HTTP 200 without a chat completion: {text[:120]!r}") from None
-                    if not isinstance(reply, str):
-                        raise ValueError("HTTP 200 with a non-text reply")
-                    return reply, choice.get("finish_reason")
-                status = (self._refused(r.status_code) if r.status_code in (401, 403)
-                          else f"HTTP {r.status_code}")
-                why = f"{status}: {text[:300]}"
+                    return _completion(text)
+                why = self._status(r, text)
                 if r.status_code != 429 and r.status_code < 500:
                     raise JudgeError(f"judge {self.describe()} answered {why}")
-                if r.status_code == 429 and r.headers.get("Retry-After", "").strip().isdigit():
-                    delay = min(float(r.headers["Retry-After"]), self.cfg.max_backoff)
-            if attempt == self.cfg.retries:
+                if (wait := server_wait(r.headers)) is not None:
+                    delay = min(wait, self.cfg.max_backoff)
+            if attempt == retries:
                 raise JudgeError(f"judge {self.describe()}: gave up after {attempt + 1} attempts, "
                                  f"last: {why}")
             self._count("retries")
             time.sleep(delay)
 
     def _ask_one(self, task, messages, path):
-        """Cache, then ask up to 1 + malformed_retries times -> (result, None), or (None, why).
-        With self.feedback a re-ask is the question, the bad reply and its parse error; the cache
-        key stays the question's."""
+        """Cache, then ask up to 1 + malformed_retries times -> (result, None, HTTP requests sent), or
+        (None, why, requests). With self.feedback a re-ask is the question, the bad reply and its parse
+        error; the cache key stays the question's."""
         if path and os.path.exists(path):
             try:
                 with open(path) as f:
                     result = task.parse(json.load(f)["reply"])
                 self._count("cache_hits")
-                return result, None
+                return result, None, 0
             except (ValueError, KeyError):
                 pass  # unreadable, or a reply the current parser rejects: ask again
-        asked, why = messages, ""
+        asked, why, sent = messages, "", []
         for _ in range(self.cfg.malformed_retries + 1):
             reply = finish = None
             try:
-                reply, finish = self._request(asked)
+                reply, finish = self._request(asked, sent=sent)
                 result = task.parse(reply)
             except JudgeError as e:
-                return None, str(e)
+                return None, str(e), len(sent)
             except ValueError as e:
                 self._count("malformed")
-                cut = finish == "length"  # the reply hit max_tokens: say so, not just "unclosed JSON"
-                why = (f"malformed reply to '{task.name}'" + (f" (truncated at judge.max_tokens="
-                       f"{self.cfg.max_tokens}: raise it)" if cut else "") + f": {e}")
+                cut = finish == "length"  # the reply hit the length limit: say so, not just "unclosed JSON"
+                why = f"malformed reply to '{task.name}'{self._truncated() if cut else ''}: {e}"
                 if self.feedback and reply is not None:
                     asked = _feedback(messages, reply, e, cut)
                 continue
@@ -507,8 +654,13 @@ class HTTPJudge(_Judge):
                 with os.fdopen(fd, "w") as f:
                     json.dump({"reply": reply}, f)
                 os.replace(tmp, path)
-            return result, None
-        return None, why
+            return result, None, len(sent)
+        return None, why, len(sent)
+
+    def _truncated(self):
+        limit = (f"max_tokens={self.cfg.max_tokens}" if self.cfg.max_tokens is not None
+                 else "the server's default length limit")
+        return f" (truncated at {limit}: raise judge.max_tokens, or eval.judge_max_tokens when evaluating)"
 
     def ask(self, tasks):
         """Ask all tasks concurrently (identical prompts once) -> one result per task. Failures
@@ -524,53 +676,65 @@ class HTTPJudge(_Judge):
             jobs.setdefault(key, (t, messages, path))
         self._count("tasks", len(tasks))
         answers = list(self._pool.map(lambda job: self._ask_one(*job), jobs.values()))
-        failed = [self._redact(why) for _, why in answers if why]
+        failed = [self._redact(why) for _, why, _ in answers if why]
         self._local.error = failed[-1] if failed else ""
         if failed:
             with self._lock:
                 self.stats["failures"] += len(failed)
                 self.last_error = failed[-1]  # why the latest failed task failed
-            print(f"judge: {len(failed)} of {len(jobs)} requests failed; last: {failed[-1]}",
+            sent = sum(n for _, _, n in answers)
+            http = f"{sent} HTTP request{'s' * (sent != 1)}"
+            print(f"judge: {len(failed)} of {len(jobs)} tasks failed ({http}); last: {failed[-1]}",
                   file=sys.stderr)
-        done = dict(zip(jobs, (result for result, _ in answers)))
+        done = dict(zip(jobs, (result for result, _, _ in answers)))
         return [done[key] for key in keys]
 
     def health_check(self):
         """Stop early, with what to do, when the server is down, refuses us or cannot answer for
-        judge.model. Servers that load models on demand (transformers serve, LiteLLM) list only
-        loaded ones in /models, so a model not listed is asked one tiny chat request before it is
-        refused."""
+        judge.model: /models, then always one tiny chat request (with one retry). A server that loads
+        models on demand (transformers serve) lists only loaded ones; a proxy (LiteLLM) lists the
+        models it is configured with whether or not their backend is alive."""
         where = f"judge health check ({self.describe()})"
         try:
             r, text = self._post("/models")
-        except requests.RequestException as e:
-            raise JudgeError(f"{where}: cannot reach the server ({type(e).__name__}). Start it, fix "
+        except _Failed as e:
+            raise JudgeError(f"{where}: cannot reach the server ({e}). Start it, fix "
                              "judge.url, or set judge.url=lexical for the word-overlap judge.") from None
-        if r.status_code in (401, 403):
-            raise JudgeError(f"{where}: {self._refused(r.status_code)}: {text[:200]}")
+        if r.status_code in (401, 403) or (r.status_code == 400 and "No connected db" in text):
+            raise JudgeError(f"{where}: {self._status(r, text)}")
         try:
             listed = [m["id"] for m in json.loads(text)["data"]] if r.status_code == 200 else None
         except (ValueError, KeyError, TypeError):
             listed = None  # not a model list: the chat request decides
-        if listed and self.cfg.model in listed:
-            return
         try:
-            self._request([{"role": "user", "content": "Reply with OK."}], max_tokens=4)
+            self._request([{"role": "user", "content": "Reply with OK."}], max_tokens=4,
+                          retries=min(1, self.cfg.retries))
         except (JudgeError, ValueError) as e:
-            if listed is None:
-                raise JudgeError(f"{where}: {e}") from None
-            raise JudgeError(f"{where}: /models lists {listed}, not '{self.cfg.model}', and a test "
-                             f"request for it failed: {e}. Set judge.model.") from None
-        if listed is not None:
+            raise JudgeError(f"{where}: {self._why_unhealthy(listed, e)}") from None
+        if listed is not None and self.cfg.model not in listed:
             print(f"judge: /models does not list '{self.cfg.model}' but the server answers for it "
                   "(a model loaded on demand)", file=sys.stderr)
 
+    def _why_unhealthy(self, listed, error):
+        model = self.cfg.model
+        if listed is None:
+            return str(error)
+        if model in listed:
+            return (f"/models lists '{model}', but a test request for it failed: {error}. A proxy (LiteLLM) "
+                    f"lists the models it is configured with even when the backend serving '{model}' is "
+                    "down: start that backend, or fix the proxy's entry for it.")
+        return (f"/models lists {listed[:20]}, not '{model}', and a test request for it failed: {error}. "
+                "Set judge.model.")
+
 
 def make_judge(cfg, feedback=True):
-    """cfg: JudgeConfig -> LexicalJudge (url "lexical") or a health-checked HTTPJudge; feedback:
-    re-ask a malformed reply with its parse error (training) or identically (evaluation)."""
+    """cfg: JudgeConfig -> LexicalJudge (url "lexical"), WorldJudge (url "world") or a health-checked
+    HTTPJudge; feedback: re-ask a malformed reply with its parse error (training) or identically
+    (evaluation)."""
     if cfg.url == "lexical":
         return LexicalJudge()
+    if cfg.url == "world":
+        return WorldJudge()
     judge = HTTPJudge(cfg, feedback)
     if cfg.health_check:
         judge.health_check()

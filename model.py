@@ -31,8 +31,9 @@ Beyond the paper (which says nothing about how rollouts are computed):
   tests); bench.py measures both.
 - Log-probs never hold an (N, T, V) float32 tensor: `selective_log_softmax` runs lm_head in chunks of
   tokens, each under activation checkpointing, on the completion tokens only.
-- `build_tiny` writes a random 0.2M-parameter model with a byte-level tokenizer, loaded by the same code
-  path as the 7B checkpoints, so that everything runs offline on a CPU.
+- `build_tiny` writes a random 0.2M-parameter model with a byte-level tokenizer, a chat template, a
+  generation config and processor configs, loaded by the same code path as the 7B checkpoints (and by
+  transformers' AutoProcessor / AutoModelForImageTextToText), so that everything runs offline on a CPU.
 """
 import importlib.util
 import json
@@ -115,9 +116,12 @@ def build_tokenizer(path, texts=(), vocab_size=0):
     return tok
 
 
-def build_tiny(path, kind, seed=0, texts=(), vocab_size=0, hidden=64, layers=2):
-    """Write a random tiny `kind` model (hidden 64, 2 layers, vision depth 2 by default) and its tokenizer
-    (build_tokenizer: bytes, or BPE learned from `texts`) to `path`.
+def build_tiny(path, kind, seed=0, texts=(), vocab_size=0, hidden=64, layers=2, init_std=0.2, *, data_cfg):
+    """Write a random tiny `kind` model (hidden 64, 2 layers, vision depth 2 by default, weights of std
+    `init_std`), its tokenizer
+    (build_tokenizer: bytes, or BPE learned from `texts`), chat template, generation config and processor
+    configs (processor_files, with `data_cfg`'s pixel and frame settings) to `path`: a folder that
+    AutoProcessor and AutoModelForImageTextToText load like a released checkpoint's.
     They are written into a temporary folder beside `path`, renamed when complete: an interrupted build
     leaves nothing that looks like a model, and of two builds at once the first to finish is kept."""
     if kind not in KINDS:
@@ -126,7 +130,9 @@ def build_tiny(path, kind, seed=0, texts=(), vocab_size=0, hidden=64, layers=2):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(path)) + ".tmp-", dir=parent)
     try:
-        _write_tiny(tmp, kind, seed, texts, vocab_size, hidden, layers)
+        vision = _write_tiny(tmp, kind, seed, texts, vocab_size, hidden, layers, init_std)
+        for name, content in processor_files(kind, vision, data_cfg).items():
+            Path(tmp, name).write_text(json.dumps(content, indent=2) + "\n")
         try:
             os.rename(tmp, path)
         except OSError:
@@ -136,14 +142,42 @@ def build_tiny(path, kind, seed=0, texts=(), vocab_size=0, hidden=64, layers=2):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_configured(model_cfg, seed=0, texts=()):
+def build_configured(model_cfg, data_cfg, seed=0, texts=()):
     """build_tiny at model.path with model.build_tiny's kind and the model.tiny_* sizes, its BPE tokenizer
-    (model.tiny_vocab) learned from `texts` (data.tokenizer_texts); what every program builds alike."""
+    (model.tiny_vocab) learned from `texts` (data.tokenizer_texts) and its processor configs from the data:
+    section; what every program builds alike."""
     m = model_cfg
-    build_tiny(m.path, m.build_tiny, seed, texts, m.tiny_vocab, m.tiny_hidden, m.tiny_layers)
+    build_tiny(m.path, m.build_tiny, seed, texts, m.tiny_vocab, m.tiny_hidden, m.tiny_layers,
+               m.tiny_init_std, data_cfg=data_cfg)
 
 
-def _write_tiny(path, kind, seed, texts=(), vocab_size=0, hidden=64, layers=2):
+def processor_files(kind, vision, data_cfg):
+    """{file name: JSON} of the processor configs of a `kind` model with vision config `vision`, as the
+    released checkpoints ship them (transformers' Qwen2VLImageProcessor and Qwen2VLVideoProcessor), holding
+    data_cfg's settings (config.DataConfig): pixels per frame in [data.min_pixels, data.max_pixels] (video
+    frames also within data.video_max_pixels and an even share of data.total_pixels, qwen-vl-utils' cap),
+    data.fps frames a second, data.min_frames to data.max_frames. transformers samples frame indices with
+    its own rule, not qwen-vl-utils' that data.py follows: give it the frames data.read_video picks to get
+    data.py's pixels (README, Compatibility)."""
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    d, factor = data_cfg, vision.patch_size * vision.spatial_merge_size
+    common = {"processor_class": {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[kind],
+              "patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
+              "merge_size": vision.spatial_merge_size, "image_mean": list(OPENAI_CLIP_MEAN),
+              "image_std": list(OPENAI_CLIP_STD), "do_resize": True, "resample": 3, "do_rescale": True,
+              "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True}
+    image = {"image_processor_type": "Qwen2VLImageProcessor", **common, "min_pixels": d.min_pixels,
+             "max_pixels": d.max_pixels,
+             "size": {"shortest_edge": d.min_pixels, "longest_edge": d.max_pixels}}
+    video = {"video_processor_type": "Qwen2VLVideoProcessor", **common,
+             "size": {"shortest_edge": d.min_pixels, "longest_edge": min(d.max_pixels, d.video_max_pixels)},
+             "do_sample_frames": True, "fps": d.fps, "min_frames": d.min_frames, "max_frames": d.max_frames,
+             # the budget is 90% of max_video_tokens tokens' pixels (transformers' rule): data.total_pixels
+             "cap_pixels_per_frame": True, "max_video_tokens": round(d.total_pixels / (0.9 * factor ** 2))}
+    return {"preprocessor_config.json": image, "video_preprocessor_config.json": video}
+
+
+def _write_tiny(path, kind, seed, texts=(), vocab_size=0, hidden=64, layers=2, init_std=0.2):
     from transformers import AutoConfig, GenerationConfig
     tok = build_tokenizer(path, texts, vocab_size)
     head = hidden // 4
@@ -162,11 +196,11 @@ def _write_tiny(path, kind, seed, texts=(), vocab_size=0, hidden=64, layers=2):
     else:  # window attention in block 0, full attention in block 1, as the 7B alternates them
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
                       fullatt_block_indexes=[1], tokens_per_second=2)
-    # init std 0.2 rather than 0.02: the default gives near-uniform logits and the same greedy text for
-    # every video, which would make the tests' comparisons between rows and prompts toothless
-    text["initializer_range"] = vision["initializer_range"] = 0.2
+    # init std 0.2 by default rather than transformers' 0.02: 0.02 gives near-uniform logits and the same
+    # greedy text for every video, which would make the tests' comparisons between rows and prompts toothless
+    text["initializer_range"] = vision["initializer_range"] = init_std
     config = AutoConfig.for_model(
-        kind, text_config=text, vision_config=vision, tie_word_embeddings=False, initializer_range=0.2,
+        kind, text_config=text, vision_config=vision, tie_word_embeddings=False, initializer_range=init_std,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(seed)
@@ -174,6 +208,7 @@ def _write_tiny(path, kind, seed, texts=(), vocab_size=0, hidden=64, layers=2):
     model.generation_config = GenerationConfig(bos_token_id=end, eos_token_id=[eot, end],
                                                pad_token_id=end)
     model.save_pretrained(path)
+    return config.vision_config
 
 
 # ----------------------------------------------------------------------------- loading

@@ -220,6 +220,20 @@ def think_score(parsed: Parsed, subjects_gt: list[dict], cfg) -> tuple[float, di
     return score, parts
 
 
+def subjects_named(parsed: Parsed, subjects_gt: list[dict]) -> int:
+    """How many ground-truth subjects the think block names: one of its subjects carries every word of the
+    subject's name in its own name and attributes ("red square": red and square). Evaluation's measure of
+    whether the model saw what is there, beside Tscore; 0 when the think block does not parse.
+
+    >>> p = parse_output('<think>{"subjects": [{"name": "square", "attributes": ["red", "small"], '
+    ...                  '"actions": []}]}</think><answer>x</answer>')
+    >>> subjects_named(p, [{"name": "red square"}, {"name": "blue circle"}])
+    1
+    """
+    said = [set(tokens(" ".join([s["name"], *s["attributes"]]))) for s in parsed.subjects or []]
+    return sum(any(set(tokens(t["name"])) <= words for words in said) for t in subjects_gt)
+
+
 def coverage(labels: list[str] | None) -> float:
     """Share of events judged "entailment"; 1.0 for no events; NaN when the judge failed."""
     if labels is None:

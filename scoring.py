@@ -2,9 +2,14 @@
 (prompts, reply parsers, the lexical judge's stand-ins) and the metrics. evaluate.py runs them.
 
 Scoring follows tarsier's evaluation/metrics/evaluate_dream_gpt.py and CaReBench's utils/dream_gpt.py:
-- Both texts are lowercased; the text given to an extraction step also has every " replaced by ' (the
-  official scripts do so before extracting); entailment reads the lowercased texts, quotes kept, as
-  there.
+- Both texts are lowercased, never stripped; the text given to an extraction step also has every "
+  replaced by ' (the official scripts do so before extracting); entailment reads the lowercased texts,
+  quotes kept, and the statements as Python writes a list (['a', "the man's hat"]), as there.
+- Replies are read by the official rules (eval.reply_parsing: official): an extraction reply is a Python
+  literal (a leading ```json fence dropped), its statements kept as given, empty ones too; an entailment
+  reply goes through their fixed repairs (official_json) and must then load with json.loads. The judge
+  requests carry no temperature or max_tokens unless eval.judge_temperature / judge_max_tokens are set.
+  eval.reply_parsing: tolerant reads replies as training does (judge.decode_reply).
 - A judge reply with a wrong shape, count or label is re-asked eval.malformed_retries times (default 9:
   the official scripts give up after 10 tries in all); then the video is excluded and counted.
 - CaReBench: actions and objects have their own extraction and entailment steps and reply keys
@@ -20,16 +25,20 @@ Decisions beyond the official scripts:
   judged QA.
 - An empty caption or statement list has no events or objects, without asking the judge (tarsier asks
   about the whole caption instead, and scores 1.0 all the same).
+- A group whose P and R are both 0 has F1 0.0 (the official count_f1 divides 0 by 0: nan).
 - The eval judge steps read their replacement prompts from eval.prompts only (not judge.prompts).
   The built-in prompts put captions in tags and say that text in tags is data (judge.render); a
   replacement file pastes its bare {fields} raw, so the official wording gives the official prompt,
   byte for byte, without that protection. A malformed reply is re-asked identically, as there.
 """
+import ast
 import dataclasses
 import functools
 import json
 import math
+import re
 
+import config as config_lib
 import judge as judge_lib
 import rewards
 from benchmarks import EvalError
@@ -50,7 +59,7 @@ TEMPLATES = {
         "<caption>\n{caption}\n</caption>"),
     "entail": (
         "[VideoCap-R1 eval task: entail]\n" + judge_lib.DATA_ONLY +
-        "Below are a video description and a JSON list of statements about the video. For each statement, "
+        "Below are a video description and a list of statements about the video. For each statement, "
         'decide from the description alone whether the description entails it ("entailment"), contradicts '
         'it ("contradiction") or neither ("neutral").\n'
         "Answer with JSON only, one item per statement, in order: "
@@ -59,7 +68,7 @@ TEMPLATES = {
         "<description>\n{description}\n</description>\n\n<events>\n{events}\n</events>"),
     "entail_objects": (
         "[VideoCap-R1 eval task: entail_objects]\n" + judge_lib.DATA_ONLY +
-        "Below are a video description and a JSON list of statements, each naming an object in the video "
+        "Below are a video description and a list of statements, each naming an object in the video "
         "with one attribute. For each statement, decide from the description alone whether the description "
         'entails it ("entailment"), contradicts it ("contradiction") or neither ("neutral").\n'
         "Answer with JSON only, one item per statement, in order: "
@@ -94,7 +103,7 @@ def _lexical_objects(fields):
 
 
 def _lexical_entail(fields, kind="events", one="event"):
-    statements = json.loads(fields[kind])
+    statements = [str(s) for s in ast.literal_eval(fields[kind])]  # as Python writes a list (entail_task)
     numbered = "\n".join(f"{k}. {' '.join(s.split())}" for k, s in enumerate(statements, 1))
     judged = json.loads(judge_lib.LEXICAL["entail"]({"description": fields["description"],
                                                      "events": numbered}))
@@ -140,6 +149,70 @@ def _parse_judged(reply, n, kind):
         raise ValueError(f'expected {{"{kind}": [{n} judged statements]}}')
     return judge_lib.parse_labels(json.dumps(judged, default=str, skipkeys=True), n)
 
+# The official scorers' reply rules (eval.reply_parsing: official), the same in tarsier's
+# evaluate_dream_gpt.py and CaReBench's utils/dream_gpt.py. A reply that fails them is asked again.
+
+
+def official_unfenced(reply):
+    """A reply that begins with a ```json (or ```python) fence, with that tag and every ``` removed and
+    stripped; any other reply as it is."""
+    for tag in ("```json", "```python"):
+        if reply.startswith(tag):
+            return reply.replace(tag, "").replace("```", "").strip()
+    return reply
+
+
+def official_statements(reply, kind):
+    """An extraction reply -> its list of statements, read as officially: the unfenced reply is a Python
+    literal (ast.literal_eval, never eval) holding {kind: [...]}, whose first item, if any, is a string.
+    Every item is kept as given, empty ones too (they are asked about and counted). Raises ValueError."""
+    try:
+        statements = ast.literal_eval(official_unfenced(reply))[kind]
+    except (ValueError, TypeError, SyntaxError, KeyError, IndexError, MemoryError, RecursionError) as e:
+        raise ValueError(f"not a Python dict with {kind!r} ({type(e).__name__}): {reply[:80]!r}") from None
+    if not isinstance(statements, list) or (statements and not isinstance(statements[0], str)):
+        raise ValueError(f"{kind!r} is not a list of strings: {reply[:80]!r}")
+    return statements
+
+
+# Applied in order after the fence: an official entailment reply's repairs (their ',\n}' forms never match
+# once whitespace is collapsed, so they are left out); then the leading {Events: or {Objects: is dropped.
+OFFICIAL_REPAIRS = (("True", "true"), ("False", "false"), ("} {", "}, {"), ("}{", "}, {"), (", }", "}"),
+                    (",}", "}"), (", ]", "]"), (",]", "]"), ("[Placeholder]", "null"))
+
+
+def official_json(reply, kind):
+    r"""The text that the official scorers give json.loads for an entailment reply about `kind`: stripped,
+    each run of whitespace one space, unfenced, a { added in front and a } at the end where missing, the
+    OFFICIAL_REPAIRS, '{Events:' ('{Objects:') removed, stripped again.
+
+    >>> official_json('```json\n{"events": [{"relationship": "Neutral"},]\n```', "events")
+    '{"events": [{"relationship": "Neutral"}]}'
+    """
+    text = official_unfenced(re.sub(r"\s+", " ", reply.strip()))
+    text = ("" if text.startswith("{") else "{") + text + ("" if text.endswith("}") else "}")
+    for old, new in OFFICIAL_REPAIRS:
+        text = text.replace(old, new)
+    return text.replace("{" + kind.capitalize() + ":", "").strip()
+
+
+def official_labels(reply, n, kind):
+    """An entailment reply -> its n labels, read as officially: json.loads of official_json must give
+    {kind: [n items]}, each with a string "relationship" that is, stripped and lowercased, one of
+    judge.LABELS. Raises ValueError."""
+    text = official_json(reply, kind)
+    try:
+        judged = json.loads(text)[kind]
+        labels = [item["relationship"].strip().lower() for item in judged]
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"not JSON with {kind!r} and their relationships ({type(e).__name__}): "
+                         f"{text[:80]!r}") from None
+    if len(labels) != n:
+        raise ValueError(f"expected {n} judged {kind}, got {len(labels)}")
+    if bad := [x for x in labels if x not in judge_lib.LABELS]:
+        raise ValueError(f"unknown labels {bad[:3]}")
+    return labels
+
 
 def _parse_answer(reply):
     if not reply.strip():
@@ -162,18 +235,27 @@ def _parse_grade(reply):
     return pred.strip().lower() == "yes", score
 
 
-def extract_task(kind, caption):
+def extract_task(kind, caption, official=True):
+    """The extraction of `kind` (events, objects) from `caption`, given as it is (the official scorers
+    neither strip nor otherwise touch it beyond score_pr's lowercasing), read by the official rules or,
+    official=False, tolerantly (judge.decode_reply, empty statements dropped)."""
     if kind == "events":
-        return judge_lib.extract_events_task(caption)
-    return judge_lib.Task("extract_objects", TEMPLATES["extract_objects"], {"caption": caption.strip()},
-                          _parse_objects, _lexical_objects)
+        task = dataclasses.replace(judge_lib.extract_events_task(caption), fields={"caption": caption})
+    else:
+        task = judge_lib.Task("extract_objects", TEMPLATES["extract_objects"], {"caption": caption},
+                              _parse_objects, _lexical_objects)
+    return dataclasses.replace(task, parse=functools.partial(official_statements, kind=kind)) if official \
+        else task
 
 
-def entail_task(kind, description, statements):
+def entail_task(kind, description, statements, official=True):
+    """The entailment of `statements` by `description`. The statements fill their field as the official
+    scripts' f-string does, as Python writes the list (['a', "the man's hat"]), so that the official
+    wording in a prompt file gives their prompt byte for byte; the description is given as it is."""
     step = ENTAIL[kind]
-    fields = {"description": description.strip(), kind: json.dumps(statements, ensure_ascii=False)}
-    return judge_lib.Task(step, TEMPLATES[step], fields,
-                          functools.partial(_parse_judged, n=len(statements), kind=kind), LEXICAL[step])
+    parse = official_labels if official else _parse_judged
+    return judge_lib.Task(step, TEMPLATES[step], {"description": description, kind: str(list(statements))},
+                          functools.partial(parse, n=len(statements), kind=kind), LEXICAL[step])
 
 
 def vdc_answer_task(caption, question):
@@ -197,13 +279,24 @@ def check_prompts(prompts):
             raise EvalError(str(e)) from None
 
 
+def check_eval(e):
+    """The eval: settings of the judge steps (eval.reply_parsing, eval.prompts), before any work."""
+    if e.reply_parsing not in config_lib.REPLY_PARSING:
+        raise EvalError(f"eval.reply_parsing must be {' or '.join(config_lib.REPLY_PARSING)}, "
+                        f"got {e.reply_parsing!r}")
+    check_prompts(e.prompts)
+
+
 def make_judge(cfg):
-    """judge.py's judge (HTTP or lexical) with eval.prompts as its replacement prompts and
+    """judge.py's judge (HTTP or lexical) with eval.prompts as its replacement prompts,
     eval.malformed_retries (not judge.malformed_retries, training's) as its re-asks, each the
-    identical question as in the official scripts (training's re-asks carry the parse error)."""
-    check_prompts(cfg.eval.prompts)
-    judge_cfg = dataclasses.replace(cfg.judge, prompts=dict(cfg.eval.prompts),
-                                    malformed_retries=cfg.eval.malformed_retries)
+    identical question as in the official scripts (training's re-asks carry the parse error), and
+    eval.judge_temperature / eval.judge_max_tokens (not judge.*) as its request settings: null, the
+    default, sends neither, as the official scripts do, so the server's defaults apply."""
+    e = cfg.eval
+    check_eval(e)
+    judge_cfg = dataclasses.replace(cfg.judge, prompts=dict(e.prompts), malformed_retries=e.malformed_retries,
+                                    temperature=e.judge_temperature, max_tokens=e.judge_max_tokens)
     return judge_lib.make_judge(judge_cfg, feedback=False)
 
 # ----------------------------------------------------------------------------- metrics
@@ -218,7 +311,7 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def score_pr(items, answers, kind, judge):
+def score_pr(items, answers, kind, judge, official=True):
     """Per item {precision, recall} of `kind` (events/objects), None when captioning or judging failed.
 
     Recall = share of reference statements the judge labels "entailment" given the prediction; precision
@@ -230,13 +323,13 @@ def score_pr(items, answers, kind, judge):
     truth = [getattr(it, kind) for it in items]
     need = [r for r, t in zip(refs, truth) if t is None] + [p for p in preds if p]
     need = list(dict.fromkeys(need))
-    extracted = dict(zip(need, judge.ask([extract_task(kind, c.replace('"', "'")) for c in need])))
+    extracted = dict(zip(need, judge.ask([extract_task(kind, c.replace('"', "'"), official) for c in need])))
     extracted[""] = []  # an empty caption states nothing
     truth = [extracted[r] if t is None else t for r, t in zip(refs, truth)]
     asks = [(p, t) for p, t in zip(preds, truth)] + [(r, extracted.get(p)) for r, p in zip(refs, preds)]
     todo = [k for k, (p, s) in enumerate(asks) if p is not None and s]
     labels = [[] if s == [] else None for _, s in asks]  # [] covers 1.0; None: failed
-    for k, result in zip(todo, judge.ask([entail_task(kind, *asks[k]) for k in todo])):
+    for k, result in zip(todo, judge.ask([entail_task(kind, *asks[k], official) for k in todo])):
         labels[k] = result
     out, n = [], len(items)
     for k, p in enumerate(preds):
@@ -316,12 +409,12 @@ def aggregate_vdc(items, scores):
 KINDS = {"dream1k": {"events": "events"}, "carebench": {"action": "events", "object": "objects"}}
 
 
-def score_chunk(benchmark, items, answers, judge):
+def score_chunk(benchmark, items, answers, judge, official=True):
     """Per-item scores: VDC's, or for each reported kind (DREAM-1K events; CaReBench action, object) P and
-    R."""
+    R, the judge's replies read by the official rules (official=False: tolerantly)."""
     if benchmark == "vdc":
         return score_vdc(items, answers, judge)
-    per = {name: score_pr(items, answers, kind, judge) for name, kind in KINDS[benchmark].items()}
+    per = {name: score_pr(items, answers, kind, judge, official) for name, kind in KINDS[benchmark].items()}
     return [{name: per[name][k] for name in per} for k in range(len(items))]
 
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 import checkpoint
 import config as config_lib
 import data
+import judge as judge_lib
 import training
 from training import print0, reduce
 
@@ -137,7 +138,7 @@ def _run(cfg, rank, world, device, mesh):
 
     # on a disk every node reaches? Checked before any load
     checkpoint.check_shared(os.path.join(s.out_dir, "checkpoints"))
-    training.ensure_model(cfg.model, cfg.seed, data.tokenizer_texts(records, instruction))
+    training.ensure_model(cfg.model, cfg.data, cfg.seed, data.tokenizer_texts(records, instruction))
     training.check_targets(cfg.model, s.target, cfg.data.max_target_tokens, (records, cfg.data.train),
                            (val, cfg.data.val))
     policy, tokenizer, model_type = training.load_policy(cfg.model, device, mesh)
@@ -153,7 +154,8 @@ def _run(cfg, rank, world, device, mesh):
     s = cfg.sft
 
     optimizer = training.make_optimizer(policy, s)
-    settings = config_lib.settings(cfg, ("model", "data", "sft"), ("sft.resume",))
+    shown = judge_lib.redacted_config(cfg)  # recorded, saved and logged: judge.url without credentials
+    settings = config_lib.settings(shown, ("model", "data", "sft"), ("sft.resume",))
     start, extra, resumed_from = checkpoint.resume(s, policy, optimizer, rank, settings, FIXED_ON_RESUME)
     nonfinite_run = 0
     if extra:
@@ -163,8 +165,8 @@ def _run(cfg, rank, world, device, mesh):
         print0(f"resumed from {resumed_from} at step {start}")
     if rank == 0:
         os.makedirs(s.out_dir, exist_ok=True)
-        config_lib.save_config(cfg, os.path.join(s.out_dir, "config.yaml"))
-    log = training.make_logger(s, config_lib.to_dict(cfg), rank)
+        config_lib.save_config(shown, os.path.join(s.out_dir, "config.yaml"))
+    log = training.make_logger(s, config_lib.to_dict(shown), rank)
 
     def save(step):
         extra = {"step": step, "nonfinite_run": nonfinite_run, "data": stream.state_dict(),

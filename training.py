@@ -407,14 +407,15 @@ def shard(policy, mesh, device, *, compute_dtype, offload=False):
     return policy
 
 
-def ensure_model(model_cfg, seed=0, texts=()):
+def ensure_model(model_cfg, data_cfg, seed=0, texts=()):
     """With model.build_tiny, build the tiny random model at model.path when rank 0 sees nothing there (only
-    rank 0 reads the model folder, load_policy), its BPE tokenizer (model.tiny_vocab) learned from `texts`;
-    the others wait. model.build_tiny writes into a temporary folder and renames it when complete."""
+    rank 0 reads the model folder, load_policy), its BPE tokenizer (model.tiny_vocab) learned from `texts`,
+    its processor configs from data_cfg; the others wait. model.build_tiny writes into a temporary folder
+    and renames it when complete."""
     def build():
         if model_cfg.build_tiny and not os.path.exists(model_cfg.path):
             print(f"building a tiny random {model_cfg.build_tiny} model at {model_cfg.path}", flush=True)
-            model_lib.build_configured(model_cfg, seed, texts)
+            model_lib.build_configured(model_cfg, data_cfg, seed, texts)
     on_rank0(build)
 
 

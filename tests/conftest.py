@@ -32,12 +32,13 @@ def tiny_model_dir(tmp_path_factory):
     """tiny_model_dir(kind) -> folder of a tiny random model of that kind (model.build_tiny), built on first
     use."""
     import model
+    from config import DataConfig
     built = {}
 
     def get(kind):
         if kind not in built:
             built[kind] = str(tmp_path_factory.mktemp(f"tiny-{kind}"))
-            model.build_tiny(built[kind], kind)
+            model.build_tiny(built[kind], kind, data_cfg=DataConfig())
         return built[kind]
     return get
 

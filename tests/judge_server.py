@@ -18,13 +18,17 @@ In tests (tests/conftest.py has a fixture):
 `prompt` is the first message's content: a re-ask with feedback (question, reply, parse error)
 is answered as the question.
 
-Failure modes, one per chat request, in order: "500", "429" (with Retry-After:
+Failure modes, one per chat request, in order: "500", "429" (with server.retry_header:
 server.retry_after), "400", "stall" (sleep server.stall, then answer), "malformed" (reply
 text that is not JSON), "wrong_count" (one judged event missing), "badbody" (HTTP body
 that is not JSON), "python" (the right answer in Python-dict quoting), "fenced" (in a
 ``` fence), "echo_key" (400 quoting the Authorization header, as a careless server
-might), "length" (the reply cut in half, finish_reason "length", as at max_tokens). A
-request naming another model gets 404 like vLLM.
+might), "length" (the reply cut in half, finish_reason "length", as at max_tokens),
+"trickle" (the answer's body one byte every server.trickle seconds), "huge" (a body of
+server.huge bytes, streamed), "backend_down" (LiteLLM's 500 for a configured model whose
+backend does not answer). A request naming another model gets 404 like vLLM; with
+server.no_db, a wrong key gets LiteLLM's 400 "No connected db." instead of 401. Replies
+can also be scripted per request: server.replies, a list of reply texts, answered in order.
 """
 import argparse
 import json
@@ -87,8 +91,9 @@ class JudgeServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), _Handler)
         self.model, self.latency, self.models_endpoint = model, latency, models_endpoint
         self.listed, self.key, self.echo_headers = [model], None, False
-        self.stall, self.retry_after = 1.0, 0
-        self.reply = answer_prompt
+        self.stall, self.retry_after, self.retry_header = 1.0, 0, "Retry-After"
+        self.trickle, self.huge, self.no_db, self.sent = 0.5, 0, False, 0  # sent: bytes of the last body
+        self.reply, self.replies = answer_prompt, []
         self.plan = deque()
         self.requests = self.in_flight = self.max_in_flight = 0
         self.seen = []  # (Authorization header, prompt) of every chat request
@@ -135,6 +140,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _refused(self):
         """401 when the server wants a key and the request lacks it; an echoing proxy quotes the headers."""
         auth = self.headers.get("Authorization")
+        if self.server.key and auth != f"Bearer {self.server.key}" and self.server.no_db:
+            self._send(400, {"error": {"message": "No connected db.", "type": "no_db_connection",
+                                       "param": None, "code": "400"}})
+            return True
         if self.server.key and auth != f"Bearer {self.server.key}":
             message = "Incorrect API key provided" if auth else "No API key provided"
             self._send(401, {"error": {"message": message}})
@@ -182,14 +191,20 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(int(mode), {"error": {"message": f"told to fail with {mode}"}})
         if mode == "429":
             return self._send(429, {"error": {"message": "rate limited"}},
-                              headers=[("Retry-After", str(srv.retry_after))])
+                              headers=[(srv.retry_header, str(srv.retry_after))])
+        if mode == "backend_down":
+            return self._send(500, {"error": {"message": "litellm.InternalServerError: InternalServerError: "
+                                              "OpenAIException - Connection error.. Received Model Group="
+                                              f"{srv.model}", "type": None, "param": None, "code": "500"}})
+        if mode in ("trickle", "huge"):
+            return self._stream(srv, mode)
         if mode == "echo_key":
             return self._send(400, {"error": {"message": f"bad header {self.headers.get('Authorization')}"}})
         if mode == "badbody":
             return self._send(200, raw="<html>upstream error</html>")
         if mode == "stall":
             time.sleep(srv.stall)
-        content = srv.reply(prompt)
+        content = srv.replies.pop(0) if srv.replies else srv.reply(prompt)
         if srv.echo_headers:
             content = f"echo: Authorization: {self.headers.get('Authorization')}"
         if mode == "malformed":
@@ -206,6 +221,26 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"id": "chatcmpl-test", "object": "chat.completion", "model": srv.model,
                          "choices": [{"index": 0, "finish_reason": "length" if mode == "length" else "stop",
                                       "message": {"role": "assistant", "content": content}}]})
+
+    def _stream(self, srv, mode):
+        """A 200 whose body comes one byte every srv.trickle seconds ("trickle", a valid completion), or
+        srv.huge bytes in 64 KiB writes ("huge"); either ends when the client goes away."""
+        body = (json.dumps({"choices": [{"message": {"role": "assistant", "content": "{}"}}]}).encode()
+                if mode == "trickle" else b" " * srv.huge)
+        step, srv.sent = (1, 0) if mode == "trickle" else (64 * 1024, 0)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for k in range(0, len(body), step):
+                self.wfile.write(body[k:k + step])
+                self.wfile.flush()
+                srv.sent += step
+                if mode == "trickle":
+                    time.sleep(srv.trickle)
+        except OSError:  # the client gave up
+            self.close_connection = True
 
 
 if __name__ == "__main__":

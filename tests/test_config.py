@@ -109,9 +109,9 @@ def test_every_default_is_in_its_range_and_choices():
     with_choices = {key: f.metadata["choices"] for key, _, f in fields if f.metadata.get("choices")}
     assert with_choices == {"train.lr_schedule": config.LR_SCHEDULES, "sft.lr_schedule": config.LR_SCHEDULES,
                             "train.loss_agg": config.LOSS_AGGS, "train.adv_scale": config.ADV_SCALES,
-                            "sft.target": config.SFT_TARGETS}
+                            "sft.target": config.SFT_TARGETS, "eval.reply_parsing": config.REPLY_PARSING}
     for key, value, f in fields:
-        assert f.metadata.get("range") is None or f.metadata["range"].ok(value), key
+        assert f.metadata.get("range") is None or value is None or f.metadata["range"].ok(value), key
         assert not f.metadata.get("choices") or value in f.metadata["choices"], key
 
 

@@ -38,7 +38,8 @@ def test_structure_scores_worked_example():
                "</think><answer>A red square moves right.</answer>")
     s = evaluate.score_structure(items, [perfect, "A ball.", None], config.ThinkConfig())
     # format: 1 of the 2 outputs; Tscore: 1.0 for the first, 0 for the untagged one (nothing parses)
-    assert s == {"outputs": 2, "format": 0.5, "think": 0.5, "think_outputs": 2}
+    # subjects named: "square" by the first, nothing by the untagged one: 1 of 2
+    assert s == {"outputs": 2, "format": 0.5, "think": 0.5, "think_outputs": 2, "named": 0.5, "subjects": 2}
     assert rewards.parse_output(perfect).error is None
 
 

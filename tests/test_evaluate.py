@@ -2,6 +2,7 @@
 content), the metrics against hand-computed values with the lexical judge, the local judge server and a
 scripted judge, malformed records cited by FILE:LINE, resumable captioning, and torchrun on two CPU
 processes."""
+import ast
 import dataclasses
 import json
 import os
@@ -156,6 +157,15 @@ class ScriptedJudge:
         keys = {"extract_events": "caption", "extract_objects": "caption", "entail": "description",
                 "entail_objects": "description", "vdc_answer": "question", "vdc_grade": "prediction"}
         return [self.tables[t.name][t.fields[keys[t.name]]] for t in tasks]
+
+
+def test_predictions_with_answers_only_say_the_structure_is_not_measured(tmp_path):
+    preds = write_jsonl(tmp_path / "answers.jsonl", [{"id": vid, "answer": pred} for vid, *_, pred in DREAM
+                                                     if pred is not None])
+    evaluate.evaluate(cfg_for(tmp_path, "dream1k", dream_tarsier(tmp_path), preds))
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "- structured thinking: not measured (the predictions hold answers only, no raw outputs)" in md
+    assert "n/a%" not in md and "replies read by the official rules, temperature not sent" in md
 
 
 def test_only_entailment_counts_and_failures_are_excluded():
@@ -454,6 +464,9 @@ def test_predictions_and_prompts_are_checked(tmp_path):
         evaluate.evaluate(cfg_for(tmp_path, "dream1k", annotations, preds))
     cfg = cfg_for(tmp_path, "dream1k", annotations, predictions(tmp_path, [("v1", "", "x")]))
     (tmp_path / "grade.txt").write_text("Question {question}, answer {answer}")
+    with pytest.raises(EvalError, match="eval.reply_parsing must be official or tolerant, got 'lenient'"):
+        evaluate.evaluate(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, reply_parsing="lenient",
+                                                                            score_only=False)))
     for prompts, why in [({"grade": "x"}, "unknown judge step"),
                          ({"vdc_grade": str(tmp_path / "no.txt")}, "cannot"),
                          ({"vdc_grade": str(tmp_path / "grade.txt")},
@@ -754,3 +767,353 @@ def test_two_processes_caption_like_one(resumed, tmp_path):
     assert [(r["id"], r["output"], r["failed"] is None) for r in two] == \
         [(r["id"], r["output"], r["failed"] is None) for r in resumed["records"]]
     assert "| **overall** (macro over groups) |" in run.stdout
+
+
+# ----------------------------------------------------------------------------- the official scorers' rules
+# Worked values from tarsier's evaluate_dream_gpt.py and CaReBench's utils/dream_gpt.py, as their rules
+# give them: extraction replies go through ast.literal_eval after a leading ```json/```python fence is
+# dropped; entailment replies are stripped, whitespace runs collapsed, unfenced, braced, repaired
+# (True/False, '}{', trailing commas, [Placeholder], a leading {Events:/{Objects:) and then must load with
+# json.loads; anything else is asked again, 10 tries in all.
+
+@pytest.mark.parametrize("reply, labels", [
+    ('```json\n{"events": [{"event": "a", "relationship": "Entailment"}]}\n```', ["entailment"]),
+    ('"events": [{"relationship": "neutral"}]}', ["neutral"]),                     # a { added in front
+    ('{"events": [{"relationship": "neutral"}]', ["neutral"]),                     # a } added at the end
+    ('{"events": [{"relationship": "entailment", "sure": True}]}', ["entailment"]),  # True -> true
+    ('{"events": [{"relationship": "entailment"}{"relationship": "neutral"}]}', ["entailment", "neutral"]),
+    ('{"events": [{"relationship": "entailment"} {"relationship": " Neutral "}]}', ["entailment", "neutral"]),
+    ('{"events": [{"relationship": "entailment"},],\n}', ["entailment"]),          # trailing commas
+    ('{"events": [{"relationship": "neutral", "reason": [Placeholder]}]}', ["neutral"]),
+    ('Events: {"events": [{"relationship": "contradiction"}]}', ["contradiction"]),  # {Events: dropped
+    ('{"events": [{"relationship": "neutral", "reason": "False,   he\n\n waits"}]}', ["neutral"]),
+])
+def test_official_entailment_replies(reply, labels):
+    assert scoring.official_labels(reply, len(labels), "events") == labels
+
+
+@pytest.mark.parametrize("reply", [
+    'Here it is: {"events": [{"relationship": "neutral"}]}',                      # prose first: re-asked
+    "{'events': [{'relationship': 'neutral'}]}",                                  # Python quoting
+    'Sure.\n```json\n{"events": [{"relationship": "neutral"}]}\n```',              # a fence not in front
+    '{"events": [{"relationship": "neutral"}, {"relationship": "neutral"}]}',     # the wrong count
+    '{"events": [{"relationship": "maybe"}]}', '{"events": ["neutral"]}', '{"objects": []}',
+    '{"events": [{"relationship": "neutral"}]} Hope this helps!',                 # prose after: re-asked
+])
+def test_official_entailment_replies_that_are_asked_again(reply):
+    with pytest.raises(ValueError):
+        scoring.official_labels(reply, 1, "events")
+
+
+def test_official_object_replies_use_their_own_key_and_marker():
+    assert scoring.official_labels('Objects: {"objects": [{"relationship": "neutral"}]}', 1, "objects") == \
+        ["neutral"]
+    with pytest.raises(ValueError):  # "Events:" is only dropped from event replies
+        scoring.official_labels('Events: {"objects": [{"relationship": "neutral"}]}', 1, "objects")
+    assert scoring.official_json('Events: {"events": []}', "events") == '{"events": []}'
+
+
+@pytest.mark.parametrize("reply, statements", [
+    ("{'events': ['a man walks', '']}", ["a man walks", ""]),                      # empty statements kept
+    ('```python\n{"events": ["a man walks"]}\n```', ["a man walks"]),
+    ('  {"events": []}', []),
+    ('{"events": ["a man walks", 3]}', ["a man walks", 3]),                        # only the first is checked
+    ('{"objects": ["there is a cat"], "events": ["x"]}', ["there is a cat"]),
+])
+def test_official_extraction_replies(reply, statements):
+    kind = "objects" if "objects" in reply else "events"
+    assert scoring.official_statements(reply, kind) == statements
+
+
+@pytest.mark.parametrize("reply", ['{"events": "a man walks"}', '{"events": [3, "a"]}', 'Events: ["a"]',
+                                   '{"events": ["a"], "ok": true}', '["a"]', "__import__('os')",
+                                   'Sure: {"events": ["a"]}', '\n```json\n{"events": ["a"]}\n```'])
+def test_official_extraction_replies_that_are_asked_again(reply):
+    with pytest.raises(ValueError):
+        scoring.official_statements(reply, "events")
+
+
+def test_prompts_in_the_official_layout_are_byte_identical(tmp_path, judge_server, judge_cfg):
+    # The official scripts fill their f-strings with the lowercased texts as they are (not stripped; " -> '
+    # for extraction) and with the statement list itself, which Python writes as ['a', "b's", '']. Files
+    # laid out as theirs (our words around the same fields) must give what their f-strings give.
+    files = {"extract_events": "Describe: {caption}\n\nEXTRACT",
+             "entail": "Video Description:\n{description}\n\nEvents: {events}\nJUDGE"}
+    for step, text in files.items():
+        (tmp_path / f"{step}.txt").write_text(text)
+    judge_server.reply = lambda prompt: (
+        '{"events": ["the dog\'s bowl is red", "", "a man opens a door"]}' if prompt.startswith("Describe")
+        else json.dumps({"events": [{"relationship": "entailment"}] *
+                         len(ast.literal_eval(prompt.split("Events: ")[1].split("\nJUDGE")[0]))}))
+    annotations = write_jsonl(tmp_path / "one.jsonl", [json.loads(open(dream_official(tmp_path)).readline())])
+    preds = predictions(tmp_path, [(1, "", ' A man opens a door. He says "hi".\n')])
+    fields = {f.name: getattr(judge_cfg, f.name) for f in dataclasses.fields(judge_cfg)}
+    cfg = cfg_for(tmp_path, "dream1k", annotations, preds, **fields)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
+        cfg.eval, prompts={step: str(tmp_path / f"{step}.txt") for step in files}))
+    evaluate.evaluate(cfg)
+    prediction, reference = ' a man opens a door. he says "hi".\n', "a man opens a door. a dog runs outside."
+    assert sorted(p for _, p in judge_server.seen) == sorted([  # the two entailments are asked at once
+        "Describe:  a man opens a door. he says 'hi'.\n\n\nEXTRACT",
+        "Video Description:\n" + prediction + "\n\nEvents: ['a man opens a door', 'a dog runs']\nJUDGE",
+        "Video Description:\n" + reference +
+        "\n\nEvents: [\"the dog's bowl is red\", '', 'a man opens a door']\nJUDGE"])
+    assert all("temperature" not in b and "max_tokens" not in b for b in judge_server.bodies)  # as officially
+
+
+# (step, the text it reads) -> the styles of the successive replies (the last one repeats); each statement's
+# label comes from STATEMENT_LABELS
+OFFICIAL_FIXTURE_EXTRACTIONS = {
+    "a man opens a door. a cat sleeps.": ['```json\n{"events": ["a man opens a door", "a cat sleeps", ""]}'
+                                          '\n```'],
+    "a bird flies.": ["{'events': ['a bird flies']}"],
+    "a woman sings loudly.": ['{"events": ["a woman sings loudly"]}'],
+    "a boy waves at a dog.": ['The events: {"events": ["a boy waves", "a dog is there"]}'],
+    "a girl reads a book.": ['{"events": ["a girl reads a book"]}'],
+    "a boy kicks a red ball.": ['{"events": ["a boy kicks a red ball"]}'],
+    "a girl sleeps.": ['{"events": ["a girl sleeps", ""]}'],
+}
+OFFICIAL_FIXTURE_OBJECTS = {
+    "a girl reads a book.": ["{'objects': ['there is a girl', 'there is a book']}"],
+    "a boy kicks a red ball.": ['```python\n{"objects": ["there is a red ball", "there is a boy"]}\n```'],
+    "a girl sleeps.": ['{"objects": ["there is a girl"]}'],
+}
+OFFICIAL_FIXTURE_STYLES = {  # entailment, by description
+    "a man opens a door. a cat sleeps.": ["prose", "clean"],
+    "a man opens a door. a dog runs outside.": ["comma"],
+    "nothing happens.": ["nobrace"], "a woman sings loudly.": ["joined", "clean"],
+    "a woman sings. she waves.": ["placeholder", "clean"], "a boy kicks a red ball.": ["wrongkey", "marker"]}
+STATEMENT_LABELS = {
+    "a man opens a door": "entailment", "a dog runs outside": "neutral", "a cat sleeps": "neutral",
+    "": "neutral", "a bird flies": "contradiction", "a woman sings": "entailment",
+    "the woman waves": "neutral",
+    "a woman sings loudly": "entailment", "a boy waves": "entailment", "a dog is there": "neutral",
+    "a boy kicks a ball": "entailment", "a boy kicks a red ball": "entailment", "a girl reads a book":
+    "contradiction", "a girl sleeps": "contradiction", "there is a red ball": "entailment",
+    "there is a boy": "entailment", "there is a girl": "entailment", "there is a book": "neutral"}
+
+
+def styled(style, kind, statements):
+    """An entailment reply about `statements` in one of the forms real judges write."""
+    one = kind[:-1]
+    items = [json.dumps({one: s, "relationship": STATEMENT_LABELS[s]}) for s in statements]
+    clean = json.dumps({kind: [json.loads(x) for x in items]})
+    return {"clean": clean, "prose": "Here you go: " + clean, "nobrace": clean[1:],
+            "comma": f'{{"{kind}": [' + ", ".join(x[:-1] + ', "sure": True}' for x in items) + ", ],\n}",
+            "joined": f'{{"{kind}": [' + "".join(items) + "]}",
+            "placeholder": "Events: " + clean.replace('"}', '", "reason": [Placeholder]}'),
+            "wrongkey": json.dumps({"events": json.loads(clean)[kind]}), "marker": "Objects: " + clean}[style]
+
+
+def official_fixture_reply():
+    """The judge server's replies for the fixture, counting the tries of each prompt."""
+    tries = {}
+
+    def reply(prompt):
+        tries[prompt] = tries.get(prompt, -1) + 1
+        for name, template in scoring.STEPS.items():
+            if prompt.startswith(template.split("\n", 1)[0]):
+                fields = judge_server_module().unrender(template, prompt)
+                break
+        if "caption" in fields:
+            table = OFFICIAL_FIXTURE_OBJECTS if name == "extract_objects" else OFFICIAL_FIXTURE_EXTRACTIONS
+            replies = table[fields["caption"]]
+            return replies[min(tries[prompt], len(replies) - 1)]
+        kind = "objects" if "objects" in fields else "events"
+        styles = OFFICIAL_FIXTURE_STYLES.get(fields["description"], ["clean"])
+        return styled(styles[min(tries[prompt], len(styles) - 1)], kind, ast.literal_eval(fields[kind]))
+    return reply
+
+
+def judge_server_module():
+    import judge_server
+    return judge_server
+
+
+OFFICIAL_DREAM = [  # (vid, subset, reference, its events, prediction)
+    ("v1", "A", "A man opens a door. A dog runs outside.", ["a man opens a door", "a dog runs outside"],
+     "A man opens a door. A cat sleeps."),
+    ("v2", "A", "Nothing happens.", [], "A bird flies."),
+    ("v3", "B", "A woman sings. She waves.", ["a woman sings", "the woman waves"], "A woman sings loudly."),
+    ("v4", "B", "A boy waves.", ["a boy waves"], "A boy waves at a dog.")]
+
+
+@pytest.mark.parametrize("parsing", ["official", "tolerant"])
+def test_figures_equal_the_official_scorers_on_irregular_replies(tmp_path, judge_server, judge_cfg, parsing):
+    # Official rules, by hand:
+    # v1: its prediction's events are ["a man opens a door", "a cat sleeps", ""] (the empty one kept), the
+    #     reference entails 1 of 3: P = 1/3; the recall reply with prose first is asked again: R = 1/2.
+    # v2: no reference events, R = 1; "a bird flies" contradicted (reply missing its "{"): P = 0.
+    # v3: a '}{' join and a "Events: ...[Placeholder]" reply are repaired: R = 1/2, P = 1.
+    # v4: the extraction reply starts with prose: 10 tries, the video is left out.
+    # A: P = (1/3 + 0) / 2 = 1/6, R = 3/4, F1 = 2 PR / (P + R) = 3/11; B: P = 1, R = 1/2, F1 = 2/3;
+    # overall P = (1/6 + 1) / 2 = 7/12, R = (3/4 + 1/2) / 2 = 5/8, F1 = 35/58.
+    # Tolerant (training's reading): v1's empty event is dropped, P = 1/2; v4 is scored: R = 1, P = 1/2.
+    # A: P = 1/4, R = 3/4, F1 = 3/8; B: P = 3/4, R = 3/4; overall P = 1/2, R = 3/4, F1 = 3/5.
+    rows = [{"vid": v, "dataset": f"DREAM/{s}", "messages": [
+        {"role": "user", "content": []},
+        {"role": "assistant", "content": [{"type": "text", "reference": r}]}],
+        "extra_info": {"events": e}} for v, s, r, e, _ in OFFICIAL_DREAM]
+    annotations = write_jsonl(tmp_path / "dream.jsonl", rows)
+    preds = predictions(tmp_path, [(v, "", p) for v, *_, p in OFFICIAL_DREAM])
+    judge_server.reply = official_fixture_reply()
+    fields = {f.name: getattr(judge_cfg, f.name) for f in dataclasses.fields(judge_cfg)}
+    cfg = cfg_for(tmp_path, "dream1k", annotations, preds, **fields)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, reply_parsing=parsing))
+    results = evaluate.evaluate(cfg)
+    per_video = {r["id"]: r["events"] for r in results["per_item"]}
+    table = results["metrics"]["events"]
+    if parsing == "official":
+        assert per_video == {"v1": {"precision": pytest.approx(1 / 3), "recall": 0.5},
+                             "v2": {"precision": 0.0, "recall": 1.0}, "v3": {"precision": 1.0, "recall": 0.5},
+                             "v4": None}
+        check_pr(table, {"A": (1 / 6, 3 / 4, 3 / 11), "B": (1.0, 0.5, 2 / 3),
+                         "overall": (7 / 12, 5 / 8, 35 / 58)})
+        assert table["groups"]["B"]["judge_failed"] == 1 and results["judge"]["stats"]["malformed"] == 10 + 1
+    else:
+        assert per_video["v1"] == {"precision": 0.5, "recall": 0.5} and \
+            per_video["v4"] == {"precision": 0.5, "recall": 1.0}
+        check_pr(table, {"A": (1 / 4, 3 / 4, 3 / 8), "B": (3 / 4, 3 / 4, 3 / 4),
+                         "overall": (1 / 2, 3 / 4, 3 / 5)})
+
+
+def test_carebench_figures_equal_the_official_scorers_on_irregular_replies(tmp_path, judge_server, judge_cfg):
+    # c1 (events and objects given): actions P = R = 1; the object recall reply first names the wrong key
+    # ("events": asked again), then comes as "Objects: {...}" (repaired): R = 1; objects P = 2/2 = 1.
+    # c2 (extracted): actions R = 0, P = 0/2 (its prediction's events keep an empty one); objects R = 1/2
+    # ("there is a book" neutral), P = 1. Actions P = R = F1 = 1/2; objects P = 1, R = 3/4, F1 = 6/7.
+    judge_server.reply = official_fixture_reply()
+    fields = {f.name: getattr(judge_cfg, f.name) for f in dataclasses.fields(judge_cfg)}
+    preds = predictions(tmp_path, [("c1", "", "A boy kicks a red ball."), ("c2", "", "A girl sleeps.")])
+    results = evaluate.evaluate(cfg_for(tmp_path, "carebench", carebench(tmp_path), preds, **fields))
+    assert [(r["action"], r["object"]) for r in results["per_item"]] == [
+        ({"precision": 1.0, "recall": 1.0}, {"precision": 1.0, "recall": 1.0}),
+        ({"precision": 0.0, "recall": 0.0}, {"precision": 1.0, "recall": 0.5})]
+    check_pr(results["metrics"]["action"], {"overall": (0.5, 0.5, 0.5)})
+    check_pr(results["metrics"]["object"], {"overall": (1.0, 0.75, 6 / 7)})
+    assert results["judge"]["stats"]["malformed"] == 1
+
+
+def test_a_group_with_p_and_r_zero_has_f1_zero_where_the_official_gives_nan():
+    items = [Item("a", "", "g", "")]
+    table = scoring.aggregate_pr(items, ["x"], [{"precision": 0.0, "recall": 0.0}])
+    assert table["groups"]["g"]["f1"] == 0.0 and table["overall"]["f1"] == 0.0
+
+
+# ----------------------------------------------------------------------------- the model folder, transformers
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    """The demo's tiny model (demo.yaml's model: and data: sections, BPE from the shipped texts), built as
+    grpo.py builds it; its export copies these files (checkpoint.export_hf)."""
+    import data
+    import model
+    folder = tmp_path_factory.mktemp("demo")
+    cfg = load_config(os.path.join(REPO, "demo.yaml"), [f"model.path={folder / 'tiny'}"])
+    records = data.load_records(os.path.join(REPO, cfg.data.train))
+    instruction = open(os.path.join(REPO, cfg.data.prompt_file)).read().strip()
+    model.build_configured(cfg.model, cfg.data, cfg.seed, data.tokenizer_texts(records, instruction))
+    return cfg, str(folder / "tiny")
+
+
+def test_the_tiny_model_folder_is_complete(demo_folder):
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    cfg, folder = demo_folder
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
+            "video_preprocessor_config.json"} <= set(os.listdir(folder))
+    image = json.load(open(os.path.join(folder, "preprocessor_config.json")))
+    video = json.load(open(os.path.join(folder, "video_preprocessor_config.json")))
+    # what AutoProcessor resolves: Qwen2VLProcessor, of Qwen2VLImageProcessor and Qwen2VLVideoProcessor
+    assert image["processor_class"] == video["processor_class"] == PROCESSOR_MAPPING_NAMES["qwen2_vl"]
+    assert image["image_processor_type"] in IMAGE_PROCESSOR_MAPPING_NAMES["qwen2_vl"].values()
+    assert video["video_processor_type"] == "Qwen2VLVideoProcessor"
+    # the demo's pixels (data.min_pixels 4*28*28, data.max_pixels 16*28*28 under video_max_pixels) and
+    # frames; data.total_pixels 90316800 = 0.9 * 128000 tokens of 28*28 pixels
+    assert (image["min_pixels"], image["max_pixels"]) == (3136, 12544) == \
+        (cfg.data.min_pixels, cfg.data.max_pixels)
+    assert video["size"] == {"shortest_edge": 3136, "longest_edge": 12544}
+    assert (video["fps"], video["min_frames"], video["max_frames"]) == (2.0, 4, 16)
+    assert video["max_video_tokens"] == 128000 and video["cap_pixels_per_frame"]
+    assert (video["patch_size"], video["temporal_patch_size"], video["merge_size"]) == (14, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def demo_caption(demo_folder, tmp_path_factory):
+    """python evaluate.py demo.yaml's caption of the first held-out clip (16 frames: 4 at 2 fps) by the
+    demo's model: its predictions.jsonl record."""
+    out = tmp_path_factory.mktemp("demo-eval")
+    evaluate.evaluate(load_config(os.path.join(REPO, "demo.yaml"), [
+        f"eval.model={demo_folder[1]}", "eval.baseline=''", f"eval.out_dir={out}", "eval.limit=1",
+        "eval.max_new_tokens=24", f"eval.annotations={CLIPS}/heldout/DREAM-1k.jsonl",
+        f"eval.video_dir={CLIPS}/heldout"]))
+    return json.loads(open(out / "predictions.jsonl").readline())
+
+
+def test_transformers_alone_captions_the_demo_model_as_evaluate_does(demo_folder, demo_caption):
+    """transformers' own tokenizer and chat template, its processor's rule for the video tokens and its
+    generate (greedy, the folder's generation config) against evaluate.py on a shipped clip. Not here:
+    AutoProcessor's video processor needs torchvision (test_autoprocessor_...); the pixels are data.py's,
+    which test_data checks against transformers' patchify. The clip has 2 temporal patches and 2x2
+    merged spatial ones: where the temporal ones outnumber the spatial, transformers 5.24 places the text
+    after the video elsewhere (test_model, test_rope_positions_follow_qwens_published_rule)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2VLProcessor
+    from types import SimpleNamespace
+    import data
+    cfg, folder = demo_folder
+    record = demo_caption
+    hf = AutoModelForImageTextToText.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": record["prompt"]}]}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    data_cfg = dataclasses.replace(cfg.data, max_frames=cfg.eval.max_frames)  # as evaluate.py captions
+    frames, _ = data.read_video(record["video"], data_cfg)
+    pixels, grid = data.video_to_patches(frames)
+    assert grid.tolist() == [2, 4, 4]
+    # the processor's own expansion of <|video_pad|> (grid t*h*w / merge**2) and modality ids
+    ids_of = tok.convert_tokens_to_ids
+    merge = hf.config.vision_config.spatial_merge_size
+    processor = SimpleNamespace(video_processor=SimpleNamespace(merge_size=merge),
+                                video_token="<|video_pad|>", image_token_ids=[ids_of("<|image_pad|>")],
+                                video_token_ids=[ids_of("<|video_pad|>")], audio_token_ids=[])
+    pads = Qwen2VLProcessor.replace_video_token(processor, {"video_grid_thw": grid[None]}, 0)
+    ids = tok(text.replace("<|video_pad|>", pads), return_tensors="pt", add_special_tokens=False)
+    mm = torch.tensor(Qwen2VLProcessor.create_mm_token_type_ids(processor, ids["input_ids"]))
+    with torch.no_grad():
+        generated = hf.generate(**ids, mm_token_type_ids=mm, pixel_values_videos=pixels,
+                                video_grid_thw=grid[None], do_sample=False, max_new_tokens=24)
+    caption = tok.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert caption == record["output"] and len(caption) > 10
+
+
+def test_autoprocessor_on_the_demo_model(demo_folder, demo_caption):
+    """AutoProcessor and its video processor, fed the frames data.py picks at the size data.py gives them
+    (do_resize=False: transformers' own frame sampling and uint8 resize differ from qwen-vl-utils'): the
+    inputs of data.encode, and evaluate.py's greedy caption. Its video processor needs torchvision (never
+    installed here: it would replace the CPU torch), so this runs only where torchvision is installed."""
+    pytest.importorskip("torchvision")
+    pytest.importorskip("PIL")
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import data
+    import model
+    cfg, folder = demo_folder
+    record = demo_caption
+    processor = AutoProcessor.from_pretrained(folder)
+    data_cfg = dataclasses.replace(cfg.data, max_frames=cfg.eval.max_frames)
+    frames, _ = data.read_video(record["video"], data_cfg)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": record["prompt"]}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], videos=[frames], do_sample_frames=False, do_resize=False,
+                       return_tensors="pt")
+    ours = data.encode(record["video"], record["prompt"], model.load_tokenizer(folder), data_cfg, "qwen2_vl")
+    assert torch.equal(inputs["input_ids"][0], ours["input_ids"])
+    assert torch.equal(inputs["video_grid_thw"], ours["video_grid_thw"])
+    torch.testing.assert_close(inputs["pixel_values_videos"], ours["pixel_values_videos"])
+    hf = AutoModelForImageTextToText.from_pretrained(folder)
+    with torch.no_grad():
+        generated = hf.generate(**inputs, do_sample=False, max_new_tokens=24)
+    assert processor.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True) == \
+        record["output"]

@@ -278,6 +278,41 @@ def test_a_judge_gone_for_good_stops_the_run_with_a_checkpoint(tiny_model_dir, t
     assert "groups dropped from the loss: 4 of 8: 4 because a judge call failed" in capsys.readouterr().out
 
 
+def test_a_short_run_whose_judge_is_down_exits_non_zero_and_keeps_its_url_secret(tiny_model_dir, tmp_path,
+                                                                                  capsys, monkeypatch):
+    # 4 steps, judge.failed_window 10: the window is the 4 steps the run does. The judge URL carries
+    # credentials and nothing listens there: every call fails (no health check, as when it dies later).
+    # A random model writes no <answer> to judge, so the reward asks the judge about the raw outputs.
+    import socket
+
+    def judged(texts, records, cfg, judge):
+        reward = torch.tensor([math.nan if e is None else 0.0 for e in judge.extract_events(texts)])
+        return reward, {"event": reward}, {"judge_failed": int(reward.isnan().sum())}
+    monkeypatch.setattr(grpo.rewards, "compute_rewards", judged)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    argv = [DEMO, f"model.path={tiny_model_dir('qwen2_vl')}", f"train.out_dir={out}",
+            "train.warm_start=false",
+            f"data.train={ROOT}/tests/data/train.jsonl", f"data.prompt_file={ROOT}/prompts/think.txt",
+            "train.steps=4", "train.prompts_per_rank=1", "sampling.group_size=2", "sampling.max_new_tokens=8",
+            "train.checkpoint_every=0", "train.sample_every=0", "reward.think_weight=0",
+            f"judge.url=http://judge-user:pw-secret@127.0.0.1:{port}/v1", "judge.health_check=false",
+            "judge.retries=0", "judge.timeout=2", "judge.cache_dir=''"]
+    with pytest.raises(SystemExit) as done:  # exit status 1, with this one line on stderr
+        grpo.main(argv)
+    stdout, err = capsys.readouterr()
+    message = done.value.code
+    assert message.startswith("grpo.py: judging failed for 100% of the groups of the last 4 steps") and \
+        f"judge http://***@127.0.0.1:{port}/v1" in message and "this was the last step" in message
+    assert "\n" not in message and f"@ http://***@127.0.0.1:{port}/v1: gave up after 1 attempts" in err
+    assert os.listdir(out / "checkpoints") == ["step-000004"] and not (out / "export").exists()
+    stored = [(out / "config.yaml").read_text(), (out / "checkpoints/step-000004/meta.json").read_text()]
+    assert "http://***@127.0.0.1" in stored[0] and "http://***@127.0.0.1" in stored[1]
+    assert not [text for text in (stdout, err, message, *stored) if "pw-secret" in text]
+
+
 def run_main(main, argv, capsys):
     """A command's main(argv) in this process -> (exit status, stdout, stderr)."""
     try:

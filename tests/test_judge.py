@@ -83,7 +83,7 @@ def test_400_is_not_retried_and_says_why(judge, judge_server, capsys):
     assert judge.extract_events([CAPTION]) == [None]
     assert judge_server.requests == 1 and judge.stats["failures"] == 1
     assert "HTTP 400" in judge.last_error and "told to fail with 400" in judge.last_error
-    assert "1 of 1 requests failed" in capsys.readouterr().err
+    assert "judge: 1 of 1 tasks failed (1 HTTP request); last: " in capsys.readouterr().err
 
 
 def test_each_thread_sees_why_its_own_request_failed(judge, judge_server):
@@ -258,7 +258,8 @@ def test_401_says_whether_a_key_was_sent(judge_cfg, judge_server, monkeypatch):
 def test_a_reply_cut_at_max_tokens_says_so(judge, judge_server):
     judge_server.fail("length", "length", "length")
     assert judge.entail([(CAPTION, EVENTS)]) == [None]
-    assert "truncated at judge.max_tokens=1024: raise it" in judge.last_error
+    assert "truncated at max_tokens=1024: raise judge.max_tokens, or eval.judge_max_tokens" in \
+        judge.last_error
     assert "cut off at the length limit" in judge_server.bodies[-1]["messages"][-1]["content"]
 
 
@@ -298,9 +299,9 @@ def test_failures_are_counted_per_call(judge_cfg, judge_server, capsys):
     assert judge.extract_events(["A quick man fails."]) == [None]  # fails while the two slow ones wait
     release.set()
     slow.join()
-    lines = [x for x in capsys.readouterr().err.splitlines() if "requests failed" in x]
-    assert sorted(x.split(";")[0] for x in lines) == ["judge: 1 of 1 requests failed",
-                                                      "judge: 1 of 2 requests failed"]
+    lines = [x for x in capsys.readouterr().err.splitlines() if "tasks failed" in x]
+    assert sorted(x.split(";")[0] for x in lines) == ["judge: 1 of 1 tasks failed (1 HTTP request)",
+                                                      "judge: 1 of 2 tasks failed (2 HTTP requests)"]
     assert judge.stats["failures"] == 2
 
 
@@ -340,3 +341,113 @@ def test_the_key_is_redacted_from_what_an_echoing_proxy_sends(judge_cfg, judge_s
              *(open(f).read() for f in glob.glob(str(tmp_path / "cache" / "*")))]
     assert "***" in judge.last_error and len(shown) == 6  # one cache file: the reply that parsed
     assert not [s for s in shown if key in s]  # ... and we never show or store it
+
+
+# ----------------------------------------------------------- proxies, slow and huge bodies, the URL's secrets
+
+def test_a_trickled_body_cannot_hold_a_call_past_the_timeout(judge_cfg, judge_server):
+    judge_server.trickle = 0.2  # a ~70-byte body one byte every 0.2 s: 14 s in all
+    judge_server.fail("trickle")
+    judge = with_cfg(judge_cfg, timeout=1.0, retries=0)
+    t = time.perf_counter()
+    assert judge.extract_events([CAPTION]) == [None]
+    assert time.perf_counter() - t < 1.0 + 0.3
+    assert "the body was still arriving at judge.timeout=1 s" in judge.last_error
+    assert judge.stats["failures"] == 1 and 1 < judge_server.sent < 10
+
+
+def test_a_huge_body_is_refused_while_it_streams(judge_cfg, judge_server):
+    judge_server.huge = 64 * 2 ** 20
+    judge_server.fail("huge", "huge")
+    judge = with_cfg(judge_cfg, retries=1)
+    assert judge.extract_events([CAPTION]) == [None]
+    assert "a body over 4 MiB (judge.MAX_BODY) was refused" in judge.last_error
+    assert judge.stats["retries"] == 1 and judge_server.sent < 16 * 2 ** 20  # read no further than the cap
+    assert judge.extract_events([CAPTION])[0] is not None  # the next request is answered
+
+
+@pytest.mark.parametrize("header, value, wait", [("llm_provider-retry-after", "1", 1.0),  # LiteLLM's
+                                                 ("retry-after-ms", "1200", 1.2), ("Retry-After", "1", 1.0)])
+def test_the_wait_a_server_asks_for_is_honoured(judge_cfg, judge_server, header, value, wait):
+    judge_server.retry_header, judge_server.retry_after = header, value
+    judge_server.fail("429")
+    judge = with_cfg(judge_cfg, max_backoff=10.0)
+    t = time.perf_counter()
+    assert judge.extract_events([CAPTION])[0] is not None
+    assert wait <= time.perf_counter() - t < wait + 0.5 and judge_server.requests == 2
+    judge_server.retry_after = "30000" if header.endswith("-ms") else "30"  # capped at judge.max_backoff
+    judge_server.fail("429")
+    t = time.perf_counter()
+    assert with_cfg(judge_cfg, max_backoff=0.3).extract_events(["Other."])[0] is not None
+    assert 0.3 <= time.perf_counter() - t < 1.0
+
+
+def test_server_wait_reads_each_header():
+    later = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 100))
+    assert 98 < judge_lib.server_wait({"Retry-After": later}) <= 100  # an HTTP date
+    assert judge_lib.server_wait({"retry-after-ms": "250", "Retry-After": "9"}) == 0.25  # ms first
+    assert judge_lib.server_wait({"Retry-After": "soon", "llm_provider-retry-after": "60"}) == 60.0
+    assert judge_lib.server_wait({"Retry-After": "-1"}) is None and judge_lib.server_wait({}) is None
+
+
+def test_a_proxy_listing_a_model_whose_backend_is_down_is_refused_at_start(judge_cfg, judge_server):
+    # LiteLLM lists its configured models whether or not their backend answers; the test request tells
+    judge_server.fail("backend_down", "backend_down")
+    t = time.perf_counter()
+    with pytest.raises(JudgeError, match=r"/models lists 'judge-test', but a test request for it failed: .*"
+                                         r"HTTP 500: .*Connection error.*start that backend"):
+        make_judge(dataclasses.replace(judge_cfg, health_check=True, backoff=1.0, retries=5))
+    assert judge_server.requests == 2 and time.perf_counter() - t < 3  # one retry, not 31 s of them
+
+
+def test_a_bare_500_for_a_wrong_model_is_reported_quickly(judge_cfg, judge_server):
+    # transformers serve answers a model it cannot load with a bare 500, and lists only loaded models
+    judge_server.listed = []
+    judge_server.fail("500", "500")
+    t = time.perf_counter()
+    with pytest.raises(JudgeError, match=r"/models lists \[\], not 'judge-test'.*HTTP 500.*Set judge.model"):
+        make_judge(dataclasses.replace(judge_cfg, health_check=True, backoff=1.0, retries=5))
+    assert time.perf_counter() - t < 3
+
+
+def test_litellms_no_connected_db_points_at_the_key(judge_cfg, judge_server, monkeypatch):
+    judge_server.key, judge_server.no_db = "sk-master", True  # LiteLLM without a database, a wrong key
+    monkeypatch.setenv("JUDGE_API_KEY", "sk-wrong")
+    with pytest.raises(JudgeError, match=r"HTTP 400: .*No connected db.*check the key in \$JUDGE_API_KEY"):
+        make_judge(dataclasses.replace(judge_cfg, health_check=True))
+    judge = HTTPJudge(judge_cfg)
+    assert judge.extract_events([CAPTION]) == [None] and "check the key in $JUDGE_API_KEY" in judge.last_error
+
+
+def test_unset_request_settings_are_not_sent(judge_cfg, judge_server):
+    with_cfg(judge_cfg, temperature=None, max_tokens=None).extract_events([CAPTION])
+    with_cfg(judge_cfg).extract_events(["Another."])
+    assert [("temperature" in b, "max_tokens" in b) for b in judge_server.bodies] == [(False, False),
+                                                                                     (True, True)]
+
+
+def test_url_credentials_are_never_shown_or_stored(judge_cfg, judge_server, tmp_path, capsys):
+    password = "pw-0123456789/secret"
+    url = judge_server.url.replace("http://", f"http://judge-user:{password.replace('/', '%2F')}@")
+    cfg = dataclasses.replace(judge_cfg, url=url, cache_dir=str(tmp_path), health_check=True)
+    judge = make_judge(cfg)
+    assert judge.describe() == f"judge-test @ {judge_server.url.replace('http://', 'http://***@')}"
+    basic = judge_server.seen[0][0]
+    assert basic.startswith("Basic ")  # requests sends the URL's credentials
+    judge_server.replies = [json.dumps({"events": [f"{password} and {basic}"]})]
+    assert judge.extract_events([CAPTION]) == [["*** and Basic ***"]]
+    judge_server.fail("echo_key")
+    assert judge.extract_events(["Another caption."]) == [None]
+    with pytest.raises(JudgeError) as e:
+        make_judge(dataclasses.replace(cfg, model="nope"))
+    shown = [*capsys.readouterr(), str(e.value), judge.last_error, judge.describe(),
+             *(open(f).read() for f in glob.glob(str(tmp_path / "*")))]
+    assert "Basic ***" in judge.last_error and len(shown) == 6
+    assert not [s for s in shown if password in s or "%2Fsecret" in s or basic[6:] in s]
+    assert judge_lib.redact_url("http://u:p@h:1/v1?x=1") == "http://***@h:1/v1?x=1"
+    assert judge_lib.redact_url("lexical") == "lexical"
+
+
+def test_a_reply_that_is_neither_json_nor_python_is_quoted():
+    with pytest.raises(ValueError, match=r"neither JSON nor a Python literal: '\{events: \[a man waves\]\}'"):
+        judge_lib.decode_reply("Sure: {events: [a man waves]}")

@@ -146,7 +146,7 @@ def test_load_errors(tmp_path, tiny_model_dir):
     with pytest.raises(M.ModelError, match="flash-attn is not installed"):
         M.load_model(path, ModelConfig(attn_implementation="flash_attention_2"), "cpu", train=False)
     with pytest.raises(M.ModelError, match="unknown kind"):
-        M.build_tiny(str(tmp_path / "x"), "llava")
+        M.build_tiny(str(tmp_path / "x"), "llava", data_cfg=None)
 
 
 # ----------------------------------------------------------------------------- weights, one tensor at a time

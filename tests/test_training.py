@@ -191,12 +191,13 @@ def test_the_tiny_model_build_is_atomic(tmp_path, monkeypatch):
     real = model._write_tiny
     monkeypatch.setattr(model, "_write_tiny", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        model.build_tiny(path, "qwen2_vl")
+        model.build_tiny(path, "qwen2_vl", data_cfg=config.DataConfig())
     assert not os.path.exists(path) and os.listdir(tmp_path) == ["started"]  # nothing that looks like a model
     monkeypatch.setattr(model, "_write_tiny", real)
     # two builds at once: both finish, the first rename wins and the other's files are discarded
-    procs = [subprocess.Popen([sys.executable, "-c", f"import model; model.build_tiny({path!r}, 'qwen2_vl')"],
-                              cwd=ROOT, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    build = f"import config, model; model.build_tiny({path!r}, 'qwen2_vl', data_cfg=config.DataConfig())"
+    procs = [subprocess.Popen([sys.executable, "-c", build], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read()
     assert sorted(os.listdir(tmp_path)) == ["started", "tiny"]
