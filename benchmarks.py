@@ -29,6 +29,7 @@ from pathlib import Path
 
 import data
 import rewards
+from config import snippet
 
 DETAILED = data.CAPTION_PROMPT  # "Describe the video in detail."
 VDC_PROMPTS = {  # our wording of each VDC section's caption request (lmms-eval draws from lists like these)
@@ -71,7 +72,7 @@ class Item:
 
 
 def key_name(key):
-    return f"video {key[0]!r}" + (f" section {key[1]}" if key[1] else "")
+    return f"video {snippet(key[0])}" + (f" section {snippet(key[1])}" if key[1] else "")
 
 
 def video_id(value, where):
@@ -132,7 +133,7 @@ def _get(rec, path, where, kind=str, default=_REQUIRED):
                 return default
             raise EvalError(f"{where}: the record has no '{path}'") from None
     if not isinstance(node, kind):
-        raise EvalError(f"{where}: '{path}' must be {getattr(kind, '__name__', kind)}, got {node!r:.80}")
+        raise EvalError(f"{where}: '{path}' must be {getattr(kind, '__name__', kind)}, got {snippet(node)}")
     return node
 
 
@@ -159,7 +160,7 @@ def load_dream1k(path, video_dir, sections=()):
     for w, r in _read_jsonl(path):
         vid, dataset = _id(r, "vid", w), _get(r, "dataset", w)
         if not dataset.startswith("DREAM/"):
-            raise EvalError(f"{w}: 'dataset' must look like DREAM/<subset>, got {dataset!r:.80}")
+            raise EvalError(f"{w}: 'dataset' must look like DREAM/<subset>, got {snippet(dataset)}")
         items.append(Item(vid, os.path.join(video_dir, vid + ".mp4"), dataset[len("DREAM/"):], DETAILED,
                           reference=_get(r, "messages.1.content.0.reference", w),
                           events=_statements(r, "extra_info.events", w), where=w, source=r,
@@ -218,9 +219,10 @@ def load_vdc(folder, video_dir, sections):
                 raise EvalError(f"{w}: expected {{video_id: [{{question, answer}}, ...]}}")
             for vid, qa in r.items():
                 if not isinstance(qa, list) or not qa:
-                    raise EvalError(f"{w}: video {vid!r}: expected a non-empty list of QA pairs")
-                pairs = [{"question": _get(q, "question", f"{w} ({vid} QA {k})"),
-                          "answer": str(_get(q, "answer", f"{w} ({vid} QA {k})", (str, int, float)))}
+                    raise EvalError(f"{w}: video {snippet(vid)}: expected a non-empty list of QA pairs")
+                at = f"{w} ({snippet(vid, bare=True)} QA"
+                pairs = [{"question": _get(q, "question", f"{at} {k})"),
+                          "answer": str(_get(q, "answer", f"{at} {k})", (str, int, float)))}
                          for k, q in enumerate(qa)]
                 video = _vdc_video(video_dir, names.get(vid, vid))
                 items.append(Item(vid, video, section, VDC_PROMPTS[section], section=section, qa=pairs,
@@ -236,10 +238,10 @@ def load_items(cfg):
     error."""
     e = cfg.eval
     if e.benchmark not in LOADERS:
-        raise EvalError(f"eval.benchmark={e.benchmark!r}: expected one of {list(LOADERS)}")
+        raise EvalError(f"eval.benchmark={snippet(e.benchmark)}: expected one of {list(LOADERS)}")
     if not e.annotations or not os.path.exists(e.annotations):
-        raise EvalError(f"eval.annotations={e.annotations!r} does not exist: point it at the benchmark's "
-                        "annotations (the load_<benchmark> functions list the layouts)")
+        raise EvalError(f"eval.annotations={snippet(e.annotations, 300)} does not exist: point it at the "
+                        "benchmark's annotations (the load_<benchmark> functions list the layouts)")
     items = LOADERS[e.benchmark](e.annotations, e.video_dir, e.vdc_sections)
     seen = {}
     for it in items:
@@ -324,7 +326,7 @@ def _from_carebench(path, items):
     the video in metadata.json, `gt` its caption (a mismatch means captions of other annotations)."""
     records = {}
     for key, rec in json.loads(Path(path).read_text()).items():
-        w, k = f"{path}:key {key}", int(key) if key.isdecimal() else -1
+        w, k = f"{path}:key {snippet(key, bare=True)}", int(key) if key.isdecimal() and len(key) < 12 else -1
         if not 0 <= k < len(items):
             raise EvalError(f"{w}: expected the index of a record of the annotations (0 to {len(items) - 1})")
         if _get(rec, "gt", w) != items[k].reference:

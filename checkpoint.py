@@ -19,6 +19,8 @@ and sft.py.
   one written with a schedule state (before the schedule was a function) resumes the same way.
 - Resuming cuts metrics.jsonl, samples.jsonl and changes.jsonl back to the checkpoint's step, so that steps
   redone after a crash appear once.
+- The export is written into export.tmp and replaced whole (replace_folder: the old one renamed aside, the new
+  one in, the old one removed); what a kill in between leaves, recover_export puts back at the next start.
 """
 import hashlib
 import json
@@ -38,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 import data
 import model as model_lib
+from config import snippet
 from training import RunError, gather, on_rank0, per_rank, print0, ranks_named, reduce
 
 
@@ -270,8 +273,12 @@ def resume(run, policy, optimizer, rank, settings=None, fixed=()):
     samples.jsonl and changes.jsonl are cut back to the start step, so that steps redone after a crash
     appear once."""
     ckpt_dir = os.path.join(run.out_dir, "checkpoints")
-    candidates = on_rank0(lambda: [] if run.resume == "never" else complete_checkpoints(ckpt_dir)
-                          if run.resume == "auto" else [run.resume])  # rank 0 lists, and warns, once
+
+    def candidates():  # rank 0 lists, and warns, once
+        recover_export(os.path.join(run.out_dir, "export"))  # a kill mid-replacement: the old export back
+        return [] if run.resume == "never" else complete_checkpoints(ckpt_dir) if run.resume == "auto" \
+            else [run.resume]
+    candidates = on_rank0(candidates)
     start, extra, path = 0, None, None
     for k, candidate in enumerate(candidates):
         error = ""
@@ -304,8 +311,8 @@ def _apply_changes(saved, now, fixed, run, optimizer, step, rank):
     changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
     refused = [k for k in changed if k in fixed]
     if refused:
-        raise CheckpointError("; ".join(f"{k} was {changed[k][0]!r} in the checkpoint at step {step}, now "
-                                        f"{changed[k][1]!r}" for k in refused)
+        raise CheckpointError("; ".join(f"{k} was {snippet(changed[k][0])} in the checkpoint at step {step}, "
+                                        f"now {snippet(changed[k][1])}" for k in refused)
                               + f": the checkpoint's state depends on {'it' if len(refused) == 1 else 'them'}"
                               ". "
                               "Set it back, or start a new run (resume=never or another out_dir)")
@@ -313,7 +320,7 @@ def _apply_changes(saved, now, fixed, run, optimizer, step, rank):
         group.update(betas=tuple(run.adam_betas), weight_decay=run.weight_decay)
     if changed and rank == 0:
         print(f"resume: settings changed since the checkpoint, honoured from step {step} on: "
-              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), flush=True)
+              + ", ".join(f"{k} {snippet(a)} -> {snippet(b)}" for k, (a, b) in changed.items()), flush=True)
         with open(os.path.join(run.out_dir, "changes.jsonl"), "a") as f:
             f.writelines(json.dumps({"step": step, "key": k, "old": a, "new": b}) + "\n"
                          for k, (a, b) in changed.items())
@@ -344,12 +351,13 @@ def export_hf(policy, tokenizer, out_dir, dtype, rank, source):
     `source` model folder that these do not write (preprocessor_config.json, video_preprocessor_config.json,
     chat_template.json, generation_config.json, ...; never its weights), so that AutoProcessor and
     `vllm serve` load the result as they load the source. Written into out_dir.tmp and renamed when
-    complete; an existing out_dir is replaced."""
+    complete; an existing out_dir is replaced (replace_folder): at no moment is out_dir half written."""
     sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     error = ""
     if rank == 0:
         tmp = out_dir.rstrip("/") + ".tmp"
         try:
+            recover_export(out_dir)
             shutil.rmtree(tmp, ignore_errors=True)
             with torch.device("meta"):
                 fresh = type(policy.hf)._from_config(policy.hf.config, dtype=dtype)
@@ -362,13 +370,43 @@ def export_hf(policy, tokenizer, out_dir, dtype, rank, source):
                 if os.path.isfile(src) and not name.endswith(WEIGHT_FILES) and \
                         not os.path.exists(os.path.join(tmp, name)):
                     shutil.copy2(src, os.path.join(tmp, name))
-            shutil.rmtree(out_dir, ignore_errors=True)
-            os.replace(tmp, out_dir)
+            replace_folder(tmp, out_dir)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             error = f"cannot write the export {out_dir} (disk full or not writable?): {type(e).__name__}: {e}"
     if reduce([float(bool(error))], dist.ReduceOp.MAX)[0] > 0:
         raise CheckpointError(error or "the export failed on rank 0")
+
+
+def replace_folder(new, folder):
+    """Put the complete folder `new` in place of `folder`: the old one is renamed aside to folder.old, `new`
+    renamed in, then the old one removed. A kill at any moment leaves `folder` complete (old or new) or,
+    between the two renames, absent with the complete old one at folder.old, which recover_export puts back;
+    never half a folder for `vllm serve` or evaluate.py to load."""
+    folder = folder.rstrip("/")
+    aside = folder + ".old"
+    shutil.rmtree(aside, ignore_errors=True)  # recover_export ran first: a leftover here is a stale copy
+    if os.path.exists(folder):
+        os.rename(folder, aside)
+    os.rename(new, folder)
+    _fsync_dir(os.path.dirname(os.path.abspath(folder)))
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_export(folder):
+    """Undo what a kill inside replace_folder left: with `folder` gone and folder.old there, the old one is
+    renamed back (it is complete: it was renamed aside whole); with both there, folder.old is a leftover copy
+    and goes. Run by rank 0 before each export, at each resume, and by the warm start before it looks for its
+    export."""
+    folder = folder.rstrip("/")
+    aside = folder + ".old"
+    if not os.path.isdir(aside):
+        return
+    if os.path.exists(folder):
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(aside, folder)
+        print(f"{folder}: put back the previous export, which a run stopped while replacing it", flush=True)
 
 
 def export(policy, tokenizer, run, model_cfg, device, rank):

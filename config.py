@@ -13,7 +13,7 @@ What this file holds, in order:
   weights of reward.think and reward.cn), on every load;
 - check_program: the rules of the sections one program runs (allowed values, the resume folder, data.val,
   WORLD_SIZE), which depend on the program and on the machine;
-- to_dict, settings, save_config.
+- to_dict, settings, save_config; snippet, which cuts a long value quoted in a message.
 
 A new numeric key takes two edits: its field here, with its range, and its line in config.yaml, with its
 comment (tests/test_config.py checks both). Dotted `key=value` overrides on the command line are parsed
@@ -34,6 +34,17 @@ import yaml
 
 class ConfigError(ValueError):
     pass
+
+
+def snippet(value, limit=80, bare=False):
+    """`value` as a message quotes it: its repr (a string as it is with `bare`), cut to about `limit`
+    characters with the length it had, so that an id or a string from an untrusted file (a 4 MB video id)
+    never fills the terminal."""
+    text = value if bare and isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value):,} characters" if isinstance(value, str) else f"{len(text):,} characters as written"
+    return f"{text[:limit]}... ({size})"
 
 # ----------------------------------------------------------------------------- what a field may hold
 
@@ -109,6 +120,7 @@ class DataConfig:
     total_pixels: int = setting(90_316_800, positive)
     max_bad_fraction: float = setting(0.1, share)
     max_prompt_tokens: int = setting(8192, positive)
+    max_target_tokens: int = setting(2048, positive)
     shuffle: bool = True
 
 
@@ -278,12 +290,12 @@ def _check(value, tp, where):
         return None if value is None else _check(value, inner, where)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {snippet(value)}")
         (item,) = typing.get_args(tp)
         return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {snippet(value)}")
         _, item = typing.get_args(tp)
         return {str(k): _check(v, item, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -294,13 +306,13 @@ def _check(value, tp, where):
         except ValueError:
             pass
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {snippet(value)}")
     return value
 
 
 def _build(cls, data, prefix):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {snippet(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -309,7 +321,7 @@ def _build(cls, data, prefix):
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid: {', '.join(names)}"
-            raise ConfigError(f"unknown config key '{where}'{hint}")
+            raise ConfigError(f"unknown config key {snippet(where)}{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, where + ".")
@@ -328,17 +340,68 @@ def _set_dotted(tree, dotted, value):
     node[leaf] = value
 
 
+def _yaml_problem(e):
+    """A YAMLError in one line: where, and what (PyYAML spreads it over several)."""
+    mark = getattr(e, "problem_mark", None)
+    what = " ".join(str(getattr(e, "problem", None) or e).split())
+    if context := getattr(e, "context", None):
+        what = f"{what} ({' '.join(context.split())})"
+    return (f"line {mark.line + 1}, column {mark.column + 1}: " if mark else "") + what
+
+
+def _duplicates(node, path, prefix=""):
+    """ConfigError for the first key written twice in one mapping of the composed YAML `node` (PyYAML keeps
+    the last silently: a second `sampling:` would replace the first without a word), naming the dotted key
+    and both lines."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _duplicates(item, path, prefix)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first = {}
+    for key, value in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+            name = f"{prefix}{key.value}"
+            if name in first:
+                raise ConfigError(f"{path}:{key.start_mark.line + 1}: {snippet(name)} is set twice "
+                                  f"(first on line {first[name]}); YAML would keep only the last: merge them")
+            first[name] = key.start_mark.line + 1
+            _duplicates(value, path, f"{name}.")
+
+
+def read_yaml(path):
+    """A config file as a mapping of sections ({} when empty), read as UTF-8. A file that is missing,
+    unreadable, not UTF-8, not YAML, that sets a key twice, or whose top level is not a mapping stops with
+    one line naming the file (and the line where there is one)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or type(e).__name__})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}): save "
+                          "the file as UTF-8") from None
+    try:
+        _duplicates(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, train:, "
+                          f"...), got a {type(tree).__name__}: {snippet(tree)}")
+    return tree
+
+
 def load_config(path=None, overrides=()):
-    """Read a YAML file (or nothing: the defaults) plus `key=value` overrides."""
-    tree = {}
-    if path:
-        try:
-            with open(path) as f:
-                tree = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    """Read a YAML file (or nothing: the defaults; read_yaml's checks) plus `key=value` overrides."""
+    tree = read_yaml(path) if path else {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -377,7 +440,7 @@ def validate(cfg):
     """Refuse, with the key named, values the types allow but no run can use (a negative grad_clip would
     flip the gradient's sign; delta1 above delta2 would make the step function's middle step empty): each
     field's range (`setting(default, within)`), ORDERED and WEIGHTED. load_config calls it."""
-    problems = [f"{key} {within.must}, got {value!r}" for key, value, f in fields_of(cfg)
+    problems = [f"{key} {within.must}, got {snippet(value)}" for key, value, f in fields_of(cfg)
                 if (within := f.metadata.get("range")) and value is not None and not within.ok(value)]
     for lower, upper in ORDERED:
         if _get(cfg, lower) > _get(cfg, upper):
@@ -402,7 +465,7 @@ def _choice_problems(section, prefix, names):
     for key, value, f in fields_of(section, prefix):
         choices = f.metadata.get("choices")
         if f.name in names and choices and value not in choices:
-            problems.append(f"{key} must be {_spell(choices, f.metadata['or_list'])}, got {value!r}")
+            problems.append(f"{key} must be {_spell(choices, f.metadata['or_list'])}, got {snippet(value)}")
     return problems
 
 
@@ -418,7 +481,7 @@ def _run_problems(cfg, name):
     problems = _choice_problems(run, f"{name}.", _RUN_KEYS)
     if run.resume not in RESUME_WORDS and not os.path.isdir(run.resume):
         problems.append(f"{name}.resume must be {', '.join(RESUME_WORDS)} or a checkpoint folder; "
-                        f"{run.resume!r} is none")
+                        f"{snippet(run.resume)} is none")
     if run.eval_every and not cfg.data.val:
         problems.append(f"{name}.eval_every={run.eval_every} needs data.val, a held-out JSONL")
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; the process group does not exist yet
@@ -480,5 +543,5 @@ def settings(cfg, sections, leave_out=()):
 
 
 def save_config(cfg, path):
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -28,9 +28,9 @@ and which is not installable on every machine:
   Then CLIP mean/std and the patch order of HF's `patchify`;
 - `mm_token_type_ids` built as HF's processor builds them (see `encode`); without them transformers
   5.24 raises for Qwen2-VL and silently falls back to 1-D RoPE for Qwen2.5-VL.
-Beyond it: unreadable videos are skipped, counted and capped by `data.max_bad_fraction`, and the
-prompt stream is sliced per rank, resumable exactly, and resumable on another number of ranks (its
-position is global).
+Beyond it: unreadable videos are skipped, counted and capped by `data.max_bad_fraction`, a record whose
+target is over `data.max_target_tokens` is refused with its FILE:LINE (check_targets), and the prompt stream
+is sliced per rank, resumable exactly, and resumable on another number of ranks (its position is global).
 """
 import difflib
 import json
@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import rewards
+from config import snippet
 
 # OpenAI CLIP statistics, the Qwen-VL processors' image_mean / image_std (transformers.image_utils)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -71,6 +72,7 @@ class Record:
     caption: str
     subjects: list[dict] | None  # [{"name": str, "attributes": [str], "actions": [str]}]
     events: list[str] | None
+    where: str = ""              # FILE:LINE of its line, for messages
 
 
 FIELDS = ("id", "video", "caption", "subjects", "events")
@@ -83,30 +85,31 @@ def refuse_unknown(keys, valid, where):
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
-            raise DataError(f"{where}: unknown key '{key}'; {hint}")
+            raise DataError(f"{where}: unknown key {snippet(key)}; {hint}")
 
 
 def _text(value, what, where):
     if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{where}: {what} must be a non-empty string, got {value!r}")
+        raise DataError(f"{where}: {what} must be a non-empty string, got {snippet(value)}")
     return value
 
 
 def valid_texts(value, what, where):
     """`value` if it is a list of non-empty strings, else DataError at `where` naming `what`."""
     if not isinstance(value, list):
-        raise DataError(f"{where}: {what} must be a list of strings, got {value!r}")
+        raise DataError(f"{where}: {what} must be a list of strings, got {snippet(value)}")
     return [_text(v, f"{what}[{i}]", where) for i, v in enumerate(value)]
 
 
 def valid_subjects(value, where):
     """`value` as a list of {name, attributes, actions}, exactly that schema, else DataError at `where`."""
     if not isinstance(value, list):
-        raise DataError(f"{where}: 'subjects' must be a list of {{name, attributes, actions}}, got {value!r}")
+        raise DataError(f"{where}: 'subjects' must be a list of {{name, attributes, actions}}, got "
+                        f"{snippet(value)}")
     out = []
     for i, s in enumerate(value):
         if not isinstance(s, dict):
-            raise DataError(f"{where}: subjects[{i}] must be an object, got {s!r}")
+            raise DataError(f"{where}: subjects[{i}] must be an object, got {snippet(s)}")
         refuse_unknown(s, SUBJECT_FIELDS, f"{where}: subjects[{i}]")
         missing = [k for k in SUBJECT_FIELDS if k not in s]
         if missing:
@@ -144,7 +147,7 @@ def load_records(path, require=None) -> list[Record]:
                     raise DataError(f"{where}: missing required field '{key}'")
             rid = _text(obj["id"], "'id'", where) if "id" in obj else f"{stem}:{n}"
             if rid in first_line:
-                raise DataError(f"{where}: duplicate id {rid!r} (first on line {first_line[rid]})")
+                raise DataError(f"{where}: duplicate id {snippet(rid)} (first on line {first_line[rid]})")
             first_line[rid] = n
             subjects, events = obj.get("subjects"), obj.get("events")
             for key, setting in (require or {}).items():
@@ -157,7 +160,7 @@ def load_records(path, require=None) -> list[Record]:
                 video=os.path.normpath(os.path.join(root, _text(obj["video"], "'video'", where))),
                 caption=_text(obj["caption"], "'caption'", where),
                 subjects=None if subjects is None else valid_subjects(subjects, where),
-                events=None if events is None else valid_texts(events, "'events'", where)))
+                events=None if events is None else valid_texts(events, "'events'", where), where=where))
     if not records:
         raise DataError(f"{path}: no records")
     return records
@@ -169,6 +172,50 @@ def load_heldout(path, require, world) -> list[Record]:
     if len(val) < world:
         raise DataError(f"{path}: {len(val)} held-out records for {world} ranks; every rank needs one")
     return val
+
+
+def target_text(record, target):
+    """What the model learns to write for `record` with sft.target=`target`: the think and answer blocks
+    (rewards.reference_output), or the caption alone."""
+    return rewards.reference_output(record) if target == "think" else record.caption
+
+
+def target_lengths(records, tokenizer, target, limit):
+    """{index: tokens} of the records whose target (target_text, then <|im_end|>) is over `limit` tokens; a
+    count that ends in "+" is a lower bound. A byte-level BPE token holds at least one byte, so a target of at
+    most `limit` UTF-8 bytes fits and is not tokenised (Qwen's tokenizers are byte-level); a longer one is
+    tokenised up to 32 characters a token, enough to tell that a 1 MB caption is over without tokenising all
+    of it (a cut changes at most the last word's tokens)."""
+    over, cap = {}, 32 * (limit + 2)
+    for k, record in enumerate(records):
+        text = target_text(record, target) + "<|im_end|>"
+        if len(text.encode("utf-8")) <= limit:
+            continue
+        n = len(tokenizer(text[:cap], add_special_tokens=False)["input_ids"])
+        if len(text) > cap and n <= limit + 1:  # a target of long tokens: count all of it
+            n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        elif len(text) > cap:
+            over[k] = f"{n - 1:,}+"
+            continue
+        if n > limit:
+            over[k] = f"{n:,}"
+    return over
+
+
+def check_targets(records, tokenizer, target, limit, path):
+    """DataError at FILE:LINE of the first record of `path` whose target is over data.max_target_tokens
+    (`limit`), with how many there are: such a record is refused, not cut, because a cut target would teach
+    the model to stop mid-caption without closing </answer> or writing its end token, and a caption that long
+    (a pasted file, a join gone wrong) is a data error to fix rather than to train on."""
+    over = target_lengths(records, tokenizer, target, limit)
+    if over:
+        k, n = next(iter(over.items()))
+        more = f" ({len(over)} records in all: python prepare.py --check {path} lists them)" \
+            if len(over) > 1 else ""
+        what = "<think>subjects</think><answer>caption</answer>" if target == "think" else "the caption"
+        raise DataError(f"{records[k].where or path}: the target ({what}) is {n} tokens, over "
+                        f"data.max_target_tokens={limit}{more}; shorten the caption, or raise "
+                        "data.max_target_tokens")
 
 # ----------------------------------------------------------------------------- sampling and size rules
 
@@ -236,7 +283,7 @@ def read_video(path, cfg, factor=28) -> tuple[torch.Tensor, float]:
     / duration. Any problem with the file raises VideoError("PATH: cause")."""
     import decord
     if not os.path.isfile(path):
-        raise VideoError(f"{path}: no such file")
+        raise VideoError(f"{snippet(path, 1000, bare=True)}: no such file")  # a path from a 4 MB id: cut
     try:  # decord indexes every packet when it opens a file: a cut or corrupt stream fails here
         reader = decord.VideoReader(path)
     except (RuntimeError, decord.DECORDError) as e:

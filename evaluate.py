@@ -10,7 +10,8 @@ each benchmark's official metric (scoring.py names the official scripts) through
 
 eval.out_dir gets predictions.jsonl (one line per caption: id, section, prompt, output, answer,
 failed, tokens, truncated, settings), results.json and results.md (every figure, videos scored and
-failed, the judge, the published numbers beside ours) and the resolved config.yaml. A predictions
+failed, the judge, the published numbers beside ours) and the resolved config.yaml; run.lock
+(runfolder.py) keeps a second evaluation out of it while one runs. A predictions
 file made elsewhere needs only `id` (the video id; plus `section` for VDC) and `answer` per line.
 
 The official scripts' prediction formats are read as eval.predictions and written by --export into
@@ -27,11 +28,13 @@ first line when that line is "Describe the video in detail." (so the detailed se
 training prompt).
 """
 import dataclasses
+import errno
 import glob
 import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -44,8 +47,14 @@ import data
 import judge as judge_lib
 import judge_tasks
 import rewards
+import runfolder
 import scoring
 from benchmarks import EvalError
+from config import snippet
+
+# A write the disk refused (full, read-only, not a folder): one line, not a traceback
+WRITE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                errno.ENOTDIR)
 
 PUBLISHED = {  # the papers' figures with their judges, in percent (VDC score on 0..5)
     "dream1k": {"columns": ["F1", "P", "R"], "judge": "gpt-3.5-turbo-0125", "rows": {
@@ -142,8 +151,8 @@ def caption(cfg, items, pred_path, rank, world, device):
     done = benchmarks.read_predictions(pred_path) if os.path.exists(pred_path) else {}
     for where, r in done.values():
         if r.get("settings") not in (None, settings(cfg)):
-            raise EvalError(f"{where}: captioned with settings {r['settings']}, not {settings(cfg)}: "
-                            "set another eval.out_dir or eval.predictions")
+            raise EvalError(f"{where}: captioned with settings {snippet(r['settings'], 300)}, not "
+                            f"{settings(cfg)}: set another eval.out_dir or eval.predictions")
     mine = [it for it in items if it.key not in done or done[it.key][1].get("failed")][rank::world]
     if not mine:
         return 0
@@ -467,15 +476,28 @@ def parse_args(argv):
 
 
 def main(argv):
+    """The command line (USAGE). Rank 0 holds the lock on eval.out_dir for the whole command (runfolder), so
+    that two evaluations never write one folder; a bad setting or file, a folder in use or not writable, and
+    Ctrl-C or SIGTERM end in one line."""
     path, fmt, overrides = parse_args(argv)
     try:
         cfg = config_lib.load_config(path, overrides)
-        if fmt:
-            print(export(cfg, fmt))
-            return
-        results = evaluate(cfg)
-    except (config_lib.ConfigError, EvalError) as err:
+        rank0 = int(os.environ.get("RANK", 0)) == 0
+        with runfolder.hold(cfg.eval.out_dir, "eval.out_dir", "evaluate.py") if rank0 else nullcontext():
+            if fmt:
+                print(export(cfg, fmt))
+                return
+            results = evaluate(cfg)
+    except (config_lib.ConfigError, EvalError, runfolder.LockError) as err:
         sys.exit(f"evaluate: {err}")
+    except KeyboardInterrupt as err:  # Ctrl-C; training.Terminated for SIGTERM (exit 0)
+        print(f"\nevaluate: {getattr(err, 'what', 'Ctrl-C')}: stopped at once; the captions written so far "
+              "are kept: rerun the same command to continue", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 130))
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        sys.exit(f"evaluate: {runfolder.write_error(err, err.filename or 'a file')}")
     if results is not None:
         print(Path(cfg.eval.out_dir, "results.md").read_text())
 

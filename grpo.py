@@ -386,10 +386,12 @@ class JudgeOutage(training.StopRun):
 def train(cfg, reward_fn=None):
     """The whole run: its settings checked, then (train.warm_start) sft.py's stage, then the GRPO loop.
     `reward_fn(texts, records, rollout) -> (reward (N,), parts, stats)` replaces the configured reward
-    (tests use a toy one). Returns the last metrics."""
+    (tests use a toy one). Returns the last metrics. Rank 0 holds the lock on train.out_dir throughout; a
+    SIGTERM or Ctrl-C ends it in training.Stopped after a checkpoint."""
     config_lib.check_program(cfg, "grpo.py")
     t = cfg.train
-    with training.process_group("grpo.py", t.collective_timeout, t.replicate) as (rank, world, device, mesh):
+    group = training.process_group("grpo.py", t.collective_timeout, t.replicate)
+    with group as (rank, world, device, mesh), training.run_folder(t.out_dir, "train.out_dir", "grpo.py"):
         if cfg.train.warm_start:
             cfg = warm_start(cfg, rank, world, device, mesh)
         return run(cfg, reward_fn, rank, world, device, mesh)
@@ -398,10 +400,13 @@ def train(cfg, reward_fn=None):
 def warm_start(cfg, rank, world, device, mesh):
     """sft.py's supervised stage (the sft: section) unless its export already exists; GRPO then starts
     from that export, which is also its reference model. An export made from another model.path or
-    sft.target (its run folder's config.yaml says) is refused rather than silently trained on."""
+    sft.target (its run folder's config.yaml says) is refused rather than silently trained on. A SIGTERM or
+    Ctrl-C in the stage ends the program after its checkpoint (training.Stopped); the rerun continues the
+    stage, then GRPO."""
     export = os.path.join(cfg.sft.out_dir, "export")
 
     def done():
+        checkpoint.recover_export(export)  # an export replaced when a kill came: the complete one back
         if not os.path.isfile(os.path.join(export, "config.json")):
             return False
         made = config_lib.load_config(os.path.join(cfg.sft.out_dir, "config.yaml"))
@@ -436,6 +441,8 @@ def run(cfg, reward_fn, rank, world, device, mesh):
 
     # model: the policy (fp32 master weights, bf16 compute on GPU) and the frozen reference (bf16 on GPU)
     training.ensure_model(cfg.model, cfg.data, cfg.seed, data.tokenizer_texts(records, instruction))
+    training.check_targets(cfg.model, "think", cfg.data.max_target_tokens, (records, cfg.data.train),
+                           (val, cfg.data.val))
     policy, tokenizer, model_type = training.load_policy(cfg.model, device, mesh)
     ref = training.load_policy(cfg.model, device, mesh, train=False, offload=t.ref_offload)[0] \
         if t.beta > 0 else None  # with beta == 0 the reference is never loaded
@@ -472,7 +479,6 @@ def run(cfg, reward_fn, rank, world, device, mesh):
         os.makedirs(t.out_dir, exist_ok=True)
         config_lib.save_config(shown, os.path.join(t.out_dir, "config.yaml"))
     log = training.make_logger(t, config_lib.to_dict(shown), rank)
-    stop = training.sigterm_watch()
 
     def save(step):
         extra = {"step": step, "nonfinite_run": nonfinite_run, "data": stream.state_dict(),
@@ -484,36 +490,37 @@ def run(cfg, reward_fn, rank, world, device, mesh):
            f"{t.steps} steps of {world * t.prompts_per_rank} videos x G={cfg.sampling.group_size}")
     metrics, judged = {}, []  # judged: per step, the share of groups whose judging failed
     bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=rank != 0, desc="grpo")
-    for step in bar:
-        items = stream.next()
-        lr = training.set_lr(optimizer, t, step)
-        metrics, sample = train_step(policy, ref, optimizer, items, rewarder, cfg, tokens,
-                                     generator, device, world)
-        skipped = metrics.get("nonfinite", 0) == t.num_iterations
-        nonfinite_run = nonfinite_run + 1 if skipped else 0
-        if nonfinite_run > t.max_nonfinite_steps:
-            raise training.StopRun(f"{nonfinite_run} steps in a row had a non-finite loss or gradient; "
-                                   "lower train.lr or check the rewards in metrics.jsonl")
-        metrics.update(lr=lr, bad_videos=stream.bad, epoch=stream.epoch,
-                       peak_mem_gb=training.peak_memory_gb(device))
-        judged.append(metrics["judge_failed_groups"])
-        if judge_gone(judged, cfg.judge, t.steps - start):
-            log(metrics, step + 1)
-            save(step + 1)
-            if rank == 0:
-                print(summary(t.out_dir, t))
-            raise JudgeOutage(outage_message(judged, cfg.judge, judge, step + 1, step + 1 == t.steps))
-        if t.eval_every and (step + 1) % t.eval_every == 0:
-            metrics.update(heldout_rewards(policy, heldout, rewarder, cfg, tokens, device))
-        if (step + 1) % t.log_every == 0:
-            log(metrics, step + 1)
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0):.4f}")
-        if rank == 0:  # every step's first sample is kept; every sample_every-th is printed
-            training.append_jsonl(os.path.join(t.out_dir, "samples.jsonl"), {"step": step + 1, **sample})
-            if t.sample_every and (step + 1) % t.sample_every == 0:
-                tqdm.write(f"[step {step + 1}] reward {sample['reward']:.3f}: {sample['text'][:300]!r}")
-        if training.end_of_step(step + 1, t, stop, save):
-            return metrics
+    with training.stop_watch() as stop:  # SIGTERM, Ctrl-C: a checkpoint after the step, then Stopped
+        for step in bar:
+            items = stream.next()
+            lr = training.set_lr(optimizer, t, step)
+            metrics, sample = train_step(policy, ref, optimizer, items, rewarder, cfg, tokens,
+                                         generator, device, world)
+            skipped = metrics.get("nonfinite", 0) == t.num_iterations
+            nonfinite_run = nonfinite_run + 1 if skipped else 0
+            if nonfinite_run > t.max_nonfinite_steps:
+                raise training.StopRun(f"{nonfinite_run} steps in a row had a non-finite loss or gradient; "
+                                       "lower train.lr or check the rewards in metrics.jsonl")
+            metrics.update(lr=lr, bad_videos=stream.bad, epoch=stream.epoch,
+                           peak_mem_gb=training.peak_memory_gb(device))
+            judged.append(metrics["judge_failed_groups"])
+            if judge_gone(judged, cfg.judge, t.steps - start):
+                log(metrics, step + 1)
+                save(step + 1)
+                if rank == 0:
+                    print(summary(t.out_dir, t))
+                raise JudgeOutage(outage_message(judged, cfg.judge, judge, step + 1,
+                                                  step + 1 == t.steps))
+            if t.eval_every and (step + 1) % t.eval_every == 0:
+                metrics.update(heldout_rewards(policy, heldout, rewarder, cfg, tokens, device))
+            if (step + 1) % t.log_every == 0:
+                log(metrics, step + 1)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0):.4f}")
+            if rank == 0:  # every step's first sample is kept; every sample_every-th is printed
+                training.append_jsonl(os.path.join(t.out_dir, "samples.jsonl"), {"step": step + 1, **sample})
+                if t.sample_every and (step + 1) % t.sample_every == 0:
+                    tqdm.write(f"[step {step + 1}] reward {sample['reward']:.3f}: {sample['text'][:300]!r}")
+            training.end_of_step(step + 1, t, stop, save)
     bar.close()
     checkpoint.export(policy, tokenizer, t, cfg.model, device, rank)
     if rank == 0:

@@ -238,6 +238,9 @@ def check_folder(path, cfg):
             f"or set model.build_tiny=qwen2_vl to build a tiny random model there")
     if not (folder / "config.json").is_file():
         what = "has no config.json" if folder.is_dir() else "does not exist"
+        if not folder.exists() and Path(str(path).rstrip("/") + ".old").is_dir():  # checkpoint.replace_folder
+            hint = (f"a run stopped while replacing this export; the previous one is {path}.old: rerun the "
+                    "training command (it puts it back), or rename it")
         raise ModelError(f"model folder {path} {what}: {hint}")
     kind = json.loads((folder / "config.json").read_text()).get("model_type")
     if kind not in KINDS:

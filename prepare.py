@@ -6,9 +6,9 @@
 The paper annotated its 1.5K videos and did not publish them. `prepare` derives the missing `subjects`
 and `events` of each record from its caption with one judge task ("subjects", replaceable by a file in
 judge.prompts.subjects), validated strictly; `--check` encodes every record as training will and fails
-(exit 1) on any unreadable video, any prompt over data.max_prompt_tokens, and missing subjects while
-reward.think_weight is on. A bad input or setting ends in one line on stderr (exit 1), a bad command
-line in the usage (exit 2), Ctrl-C in one line (exit 130).
+(exit 1) on any unreadable video, any prompt over data.max_prompt_tokens, any target over
+data.max_target_tokens, and missing subjects while reward.think_weight is on. A bad input or setting ends
+in one line on stderr (exit 1), a bad command line in the usage (exit 2), Ctrl-C in one line (exit 130).
 
 This file holds the "subjects" task (its prompt, its strict reply parser and the lexical judge's
 word-list answer to it, lexical_subjects: a stand-in, not an LLM), prepare, check and the command line.
@@ -32,6 +32,7 @@ import config as config_lib
 import data
 import judge as judge_lib
 import judge_tasks
+from config import snippet
 from data import DataError
 
 # ----------------------------------------------------------------------------- the lexical judge's subjects
@@ -240,8 +241,8 @@ def _done_ids(path, ids):
         except (json.JSONDecodeError, KeyError, TypeError):
             raise DataError(f"{path}:{n}: not a line written by prepare.py; move the file away") from None
         if rid not in ids:
-            raise DataError(f"{path}:{n}: id {rid!r} is not in the input: the file belongs to another data "
-                            "set; choose another OUT")
+            raise DataError(f"{path}:{n}: id {snippet(rid)} is not in the input: the file belongs to another "
+                            "data set; choose another OUT")
         done.add(rid)
     return done
 
@@ -363,7 +364,8 @@ def _spread(values):
 
 def _measure(records, instruction, cfg, path):
     """Encode every record as training will -> (rows of what each prompt measures, the unreadable videos'
-    errors, exact, seconds the encoding took), with the first line of the report printed."""
+    errors, exact, seconds the encoding took, {index: tokens} of the targets over data.max_target_tokens),
+    with the first line of the report printed."""
     measure = dataclasses.replace(cfg.data, max_prompt_tokens=sys.maxsize)  # measure all; compared later
     unreadable, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -384,20 +386,23 @@ def _measure(records, instruction, cfg, path):
                          "seconds": t * float(prompt["second_per_grid_ts"][0]),  # t steps of this: the clip
                          "visual": int((prompt["mm_token_type_ids"] == data.VIDEO_TYPE).sum()),
                          "prompt": len(prompt["input_ids"])})
-    seconds = time.perf_counter() - start
-    return rows, unreadable, exact, seconds
+        seconds = time.perf_counter() - start
+        long_targets = data.target_lengths(records, tokenizer, "think", cfg.data.max_target_tokens)
+    return rows, unreadable, exact, seconds, long_targets
 
 
 def check(path, cfg) -> int:
     """Encode every record of `path` as training will (data.*, data.prompt_file, model.path) and print what
     would break. Returns the exit status: 1 when a video is unreadable (training would skip it, losing its
     caption, and stop past data.max_bad_fraction), a prompt is over data.max_prompt_tokens (training would
-    stop there) or a record lacks subjects while reward.think_weight is on (Tscore needs them); else 0."""
+    stop there), a target (<think>subjects</think><answer>caption</answer>) is over data.max_target_tokens
+    (training refuses the record at start) or a record lacks subjects while reward.think_weight is on (Tscore
+    needs them); else 0."""
     records = data.load_records(path)
     with open(cfg.data.prompt_file, encoding="utf-8") as f:
         instruction = f.read().strip()  # as grpo.py reads it
     limit = cfg.data.max_prompt_tokens
-    rows, unreadable, exact, seconds = _measure(records, instruction, cfg, path)
+    rows, unreadable, exact, seconds, long_targets = _measure(records, instruction, cfg, path)
     print(f"{len(rows)} of {len(records)} videos read, {len(unreadable)} unreadable, in {seconds:.1f} s "
           f"({len(records) / seconds:.1f} videos/s)")
     if rows:
@@ -416,6 +421,12 @@ def check(path, cfg) -> int:
                            f"({row['visual']} visual)" for row in over)
         print(f"prompts over data.max_prompt_tokens={limit}"
               + ("" if exact else " (text tokens an upper bound)") + ":\n" + listed)
+    target_limit = cfg.data.max_target_tokens
+    if long_targets:
+        print(f"targets over data.max_target_tokens={target_limit}" + ("" if exact else " (an upper bound)")
+              + ":\n" + "\n".join(f"  {records[k].where}: {snippet(records[k].id)}, {n} tokens (a caption "
+                                   f"of {len(records[k].caption):,} characters)"
+                                   for k, n in long_targets.items()))
     no_subjects = sum(r.subjects is None for r in records)
     no_events = sum(r.events is None for r in records)
     print(f"records without subjects: {no_subjects}; without events: {no_events} "
@@ -424,11 +435,15 @@ def check(path, cfg) -> int:
     if over:
         problems.append(f"{len(over)} prompt(s) over data.max_prompt_tokens={limit}, where training would "
                         "stop: lower data.max_pixels or data.max_frames, or raise the limit")
+    if long_targets:
+        problems.append(f"{len(long_targets)} target(s) over data.max_target_tokens={target_limit}, which "
+                        "training refuses: shorten their captions or raise the limit")
     if no_subjects and cfg.reward.think_weight:
         problems.append(f"{no_subjects} record(s) without subjects while reward.think_weight="
                         f"{cfg.reward.think_weight}: run python prepare.py")
     print(f"FAIL: {'; '.join(problems)}" if problems else
-          f"OK: every video reads and every prompt fits data.max_prompt_tokens={limit}")
+          f"OK: every video reads, every prompt fits data.max_prompt_tokens={limit} and every target "
+          f"data.max_target_tokens={target_limit}")
     return 1 if problems else 0
 
 # ----------------------------------------------------------------------------- command line

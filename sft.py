@@ -35,7 +35,6 @@ import checkpoint
 import config as config_lib
 import data
 import judge as judge_lib
-import rewards
 import training
 from training import print0, reduce
 
@@ -45,7 +44,7 @@ FIXED_ON_RESUME = ("seed", "model.path", "data.train", "data.shuffle", "sft.targ
 
 def target_text(record, target):
     """What the model learns to write for `record`: the think and answer blocks, or the caption."""
-    return rewards.reference_output(record) if target == "think" else record.caption
+    return data.target_text(record, target)
 
 
 def target_batch(records, tokenizer, target):
@@ -118,7 +117,13 @@ def train(cfg):
 
 
 def run(cfg, rank, world, device, mesh):
-    """The supervised loop on an initialised process group (grpo.py's train.warm_start calls it too)."""
+    """The supervised loop on an initialised process group (grpo.py's train.warm_start calls it too), rank 0
+    holding the lock on sft.out_dir."""
+    with training.run_folder(cfg.sft.out_dir, "sft.out_dir", "sft.py"):
+        return _run(cfg, rank, world, device, mesh)
+
+
+def _run(cfg, rank, world, device, mesh):
     s = cfg.sft
     training.seed_everything(cfg.seed)
     # the think block is made from the record's subjects
@@ -134,6 +139,8 @@ def run(cfg, rank, world, device, mesh):
     # on a disk every node reaches? Checked before any load
     checkpoint.check_shared(os.path.join(s.out_dir, "checkpoints"))
     training.ensure_model(cfg.model, cfg.data, cfg.seed, data.tokenizer_texts(records, instruction))
+    training.check_targets(cfg.model, s.target, cfg.data.max_target_tokens, (records, cfg.data.train),
+                           (val, cfg.data.val))
     policy, tokenizer, model_type = training.load_policy(cfg.model, device, mesh)
     vision_cfg = policy.hf.config.vision_config
 
@@ -160,7 +167,6 @@ def run(cfg, rank, world, device, mesh):
         os.makedirs(s.out_dir, exist_ok=True)
         config_lib.save_config(shown, os.path.join(s.out_dir, "config.yaml"))
     log = training.make_logger(s, config_lib.to_dict(shown), rank)
-    stop = training.sigterm_watch()
 
     def save(step):
         extra = {"step": step, "nonfinite_run": nonfinite_run, "data": stream.state_dict(),
@@ -172,24 +178,25 @@ def run(cfg, rank, world, device, mesh):
            f"{world} ranks, {s.steps} steps of {world * s.prompts_per_rank} videos")
     metrics = {}
     bar = tqdm(range(start, s.steps), initial=start, total=s.steps, disable=rank != 0, desc="sft")
-    for step in bar:
-        t0 = time.perf_counter()
-        lr = training.set_lr(optimizer, s, step)
-        metrics = train_step(policy, optimizer, stream.next(), tokenizer, cfg, device, world)
-        nonfinite_run = nonfinite_run + 1 if metrics["nonfinite"] else 0
-        if nonfinite_run > s.max_nonfinite_steps:
-            raise training.StopRun(f"{nonfinite_run} steps in a row had a non-finite loss or gradient; "
-                                   "lower sft.lr")
-        seconds = reduce([time.perf_counter() - t0], dist.ReduceOp.MAX)[0]
-        metrics.update(lr=lr, tokens_s=metrics["tokens"] / seconds, time_step=seconds,
-                       bad_videos=stream.bad, epoch=stream.epoch, peak_mem_gb=training.peak_memory_gb(device))
-        if s.eval_every and (step + 1) % s.eval_every == 0:
-            metrics["val_loss"] = heldout_loss(policy, heldout, tokenizer, cfg, device)
-        if (step + 1) % s.log_every == 0:
-            log(metrics, step + 1)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if training.end_of_step(step + 1, s, stop, save):
-            return metrics
+    with training.stop_watch() as stop:  # SIGTERM, Ctrl-C: a checkpoint after the step, then Stopped
+        for step in bar:
+            t0 = time.perf_counter()
+            lr = training.set_lr(optimizer, s, step)
+            metrics = train_step(policy, optimizer, stream.next(), tokenizer, cfg, device, world)
+            nonfinite_run = nonfinite_run + 1 if metrics["nonfinite"] else 0
+            if nonfinite_run > s.max_nonfinite_steps:
+                raise training.StopRun(f"{nonfinite_run} steps in a row had a non-finite loss or gradient; "
+                                       "lower sft.lr")
+            seconds = reduce([time.perf_counter() - t0], dist.ReduceOp.MAX)[0]
+            metrics.update(lr=lr, tokens_s=metrics["tokens"] / seconds, time_step=seconds,
+                           bad_videos=stream.bad, epoch=stream.epoch,
+                           peak_mem_gb=training.peak_memory_gb(device))
+            if s.eval_every and (step + 1) % s.eval_every == 0:
+                metrics["val_loss"] = heldout_loss(policy, heldout, tokenizer, cfg, device)
+            if (step + 1) % s.log_every == 0:
+                log(metrics, step + 1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            training.end_of_step(step + 1, s, stop, save)
     bar.close()
     checkpoint.export(policy, tokenizer, s, cfg.model, device, rank)
     if rank == 0:

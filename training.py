@@ -1,13 +1,17 @@
-"""The training machinery that grpo.py and sft.py share: the command line and the process group, FSDP2
-wrapping and the streamed loading of the model, AdamW and its learning rate as a function of the step, and
-metric logging with the summary's charts. The checkpoints are checkpoint.py's.
+"""The training machinery that grpo.py and sft.py share: the command line and the process group, SIGTERM and
+Ctrl-C, the run folder's lock (runfolder.py's), FSDP2 wrapping and the streamed loading of the model, AdamW
+and its learning rate as a function of the step, and metric logging with the summary's charts. The
+checkpoints are checkpoint.py's.
 
     with process_group("grpo.py", timeout, replicate) as (rank, world, device, mesh):  # FSDP, or HSDP
+      with run_folder(cfg.train.out_dir, "train.out_dir", "grpo.py"):   # rank 0 locks it: one live run
         policy, tokenizer, kind = load_policy(cfg.model, device, mesh)    # fp32 master weights, bf16 compute
         optimizer = make_optimizer(policy, cfg.train)                      # cfg.train or cfg.sft: a RunConfig
-        for step in ...:
-            set_lr(optimizer, cfg.train, step)
-            ... the program's step, clip_and_step(...), log(metrics, step + 1) ...
+        with stop_watch() as stop:                                         # SIGTERM, Ctrl-C: after the step
+            for step in ...:
+                set_lr(optimizer, cfg.train, step)
+                ... the program's step, clip_and_step(...), log(metrics, step + 1) ...
+                end_of_step(step + 1, cfg.train, stop, save)               # checkpoints; Stopped on request
 
 Choices beyond the paper (which does not describe its training code):
 - Plain `python grpo.py` (or sft.py) runs as an FSDP world of one, the same code path as torchrun.
@@ -18,6 +22,8 @@ Choices beyond the paper (which does not describe its training code):
   start-up, only its shards and one tensor in flight (load_policy).
 - `replicate` > 1 (HSDP) keeps one copy of the model per group of world/replicate ranks (a node), so that the
   per-layer all-gathers stay inside the node.
+- SIGTERM and a first Ctrl-C during the loop let the step finish and write a checkpoint (exit 0 and 130); a
+  second Ctrl-C, or either signal outside the loop, stops at once, in one line (stop_watch, process_group).
 """
 import contextlib
 import errno
@@ -30,6 +36,8 @@ import signal
 import socket
 import sys
 import textwrap
+import threading
+import time
 import traceback
 from datetime import timedelta
 
@@ -44,6 +52,7 @@ import config as config_lib
 import data
 import judge_tasks
 import model as model_lib
+import runfolder
 
 
 class RunError(RuntimeError):
@@ -56,19 +65,40 @@ class StopRun(RunError):
     what to do."""
 
 
+class Stopped(BaseException):
+    """The training loop stopped on request after writing a checkpoint of its step (end_of_step): SIGTERM
+    (exit_code 0: a scheduler's preemption, the job is done for now) or Ctrl-C (130, as a shell expects of an
+    interrupted command). What happened is printed already. A BaseException, so that nothing which handles
+    errors takes it for one."""
+
+    def __init__(self, reason, exit_code):
+        super().__init__(reason)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop (loading, the export, captioning): raised at once, as Ctrl-C raises
+    KeyboardInterrupt, so that the `with` blocks end and the run folder's lock is released. Exit status 0,
+    as after a SIGTERM in the loop."""
+    what, exit_code = "SIGTERM", 0
+
+
 # What a user can fix: these end a run with their one-line message, anything else with a traceback
 USER_ERRORS = (config_lib.ConfigError, data.DataError, data.VideoError, model_lib.ModelError,
-               judge_tasks.JudgeError, RunError)
+               judge_tasks.JudgeError, RunError, runfolder.LockError)
 WRITE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 def user_error(e):
     """The one-line message for an error a user can fix (USER_ERRORS, a write refused by a full or read-only
-    disk), or None for a bug, which deserves its traceback."""
+    disk, Ctrl-C or SIGTERM outside the loop), or None for a bug, which deserves its traceback."""
     if isinstance(e, USER_ERRORS):
         return str(e)
     if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
-        return f"cannot write {e.filename or 'a file'} (disk full or not writable?): {e.strerror}"
+        return runfolder.write_error(e, e.filename or "a file")
+    if isinstance(e, KeyboardInterrupt):
+        return (f"{getattr(e, 'what', 'Ctrl-C')}: stopped at once; the checkpoints written so far are "
+                "intact: rerun the same command to resume")
     return None
 
 
@@ -90,11 +120,18 @@ def command_line(program, argv, doc):
 @contextlib.contextmanager
 def one_line_errors(program):
     """A bad setting ends in "config error: ..." and an error a user can fix (user_error) in
-    "program: ..." on stderr (exit 1); a bug keeps its traceback."""
+    "program: ..." on stderr (exit 1); Ctrl-C in one line (exit 130; SIGTERM outside the loop: 0); a loop
+    that stopped on request (Stopped) with its exit status, its message printed already; a bug keeps its
+    traceback."""
     try:
         yield
     except config_lib.ConfigError as e:
         sys.exit(f"config error: {e}")
+    except Stopped as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt as e:
+        print(f"\n{program}: {user_error(e)}", file=sys.stderr, flush=True)
+        sys.exit(getattr(e, "exit_code", 130))
     except Exception as e:  # noqa: BLE001 - a user's error ends in one line, a bug keeps its traceback
         if (message := user_error(e)) is None:
             raise
@@ -106,17 +143,29 @@ def process_group(program, timeout, replicate=1):
     """The process group of a program (init_distributed(timeout, replicate)), as (rank, world, device,
     mesh), destroyed at the end. On an error every rank ends, the others at their next
     collective or their timeout, instead of hanging: a USER_ERRORS error prints "program: message" (once per
-    rank that raised it), anything else its traceback; with one process the error is raised to the caller."""
+    rank that raised it), Ctrl-C or SIGTERM one line on rank 0, anything else its traceback; with one process
+    the error is raised to the caller. A loop's Stopped, which every rank raises at the same step, ends the
+    group as the end of the program does. For the group's life SIGTERM raises Terminated (stop_watch defers
+    it, and Ctrl-C, to the end of a training step)."""
     rank, world, device, mesh = init_distributed(timeout, replicate)
+    previous = _catch_signals(rank)
     try:
         yield rank, world, device, mesh
+    except Stopped:
+        raise
     except BaseException as e:
         if world > 1:
+            runfolder.release_all()  # os._exit skips the `with` blocks that would
+            if isinstance(e, KeyboardInterrupt):
+                if rank == 0:
+                    print(f"{program}: {user_error(e)}", file=sys.stderr, flush=True)
+                os._exit(getattr(e, "exit_code", 130))
             why = f"{program}: {message}" if (message := user_error(e)) else traceback.format_exc()
             print(f"[rank {rank}] {why}", file=sys.stderr, flush=True)
             os._exit(1)
         raise
     finally:
+        _restore_signals(previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -234,11 +283,79 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def sigterm_watch():
-    """Install a SIGTERM handler; returns stop() -> True on every rank once any rank got SIGTERM."""
-    flag = {"requested": False}
-    signal.signal(signal.SIGTERM, lambda *_: flag.update(requested=True))
-    return lambda: reduce([float(flag["requested"])], dist.ReduceOp.MAX)[0] > 0
+# ----------------------------------------------------------------------------- SIGTERM and Ctrl-C
+
+# What a stop was requested by, in rising precedence; the ranks agree on the highest any of them got
+STOP_REASONS = ("", "SIGTERM", "Ctrl-C")
+EXIT_CODES = {"SIGTERM": 0, "Ctrl-C": 130}
+AGAIN_AFTER = 1.0  # seconds: a second Ctrl-C sooner is the same press (torchrun forwards the terminal's)
+_signals = {"deferred": False, "requested": "", "at": 0.0, "rank": 0}
+
+
+def _on_signal(signum, frame):
+    """SIGTERM and SIGINT (Ctrl-C): outside a training loop, raise (Terminated, KeyboardInterrupt); inside
+    (stop_watch), note the request for end_of_step, except a second Ctrl-C, which stops at once."""
+    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    state = _signals
+    if not state["deferred"]:
+        raise KeyboardInterrupt() if name == "Ctrl-C" else Terminated()
+    if name == "Ctrl-C" and state["requested"] == "Ctrl-C":
+        if time.monotonic() - state["at"] > AGAIN_AFTER:
+            raise KeyboardInterrupt()
+        return
+    if STOP_REASONS.index(name) > STOP_REASONS.index(state["requested"]):
+        state.update(requested=name, at=time.monotonic())
+    if name == "Ctrl-C" and state["rank"] == 0:  # os.write: print() may be inside a write to stderr now
+        os.write(2, b"\nCtrl-C: stopping after this step, with a checkpoint; Ctrl-C again stops at once, "
+                    b"without one\n")
+
+
+def _catch_signals(rank):
+    """Install _on_signal for SIGTERM and SIGINT (main thread only) -> the handlers to restore."""
+    _signals.update(deferred=False, requested="", at=0.0, rank=rank)
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, _on_signal)
+    return previous
+
+
+def _restore_signals(previous):
+    _signals.update(deferred=False, requested="")
+    for sig, handler in (previous or {}).items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def stop_watch():
+    """The training loop's block: SIGTERM and a first Ctrl-C only note a request, which end_of_step acts on
+    after the step (a checkpoint, then Stopped); a second Ctrl-C stops at once. Yields stop() -> the request
+    ("", "SIGTERM" or "Ctrl-C"), the same on every rank (one all-reduce); it raises RunError on every rank
+    when rank 0's lock on the run folder is no longer its own (runfolder.lost)."""
+    _signals.update(deferred=True, requested="")
+
+    def stop():
+        lost = runfolder.lost() if dist.get_rank() == 0 else ""
+        reason, gone = reduce([float(STOP_REASONS.index(_signals["requested"])), float(bool(lost))],
+                              dist.ReduceOp.MAX)
+        if gone:
+            raise RunError(lost or "rank 0 lost the lock on the run folder (its message says why)")
+        return STOP_REASONS[int(reason)]
+    try:
+        yield stop
+    finally:
+        _signals["deferred"] = False
+
+
+@contextlib.contextmanager
+def run_folder(folder, key, program):
+    """Rank 0 holds the lock on the run folder `folder` (runfolder.hold; `key` is the setting that names it)
+    for the block, taken before anything is written there; a refusal (another live run, a folder that cannot
+    be written into) ends every rank with its message."""
+    with contextlib.ExitStack() as stack:
+        on_rank0(lambda: stack.enter_context(runfolder.hold(folder, key, program)) and None)
+        yield
 
 
 def seed_everything(seed):
@@ -300,6 +417,18 @@ def ensure_model(model_cfg, data_cfg, seed=0, texts=()):
             print(f"building a tiny random {model_cfg.build_tiny} model at {model_cfg.path}", flush=True)
             model_lib.build_configured(model_cfg, data_cfg, seed, texts)
     on_rank0(build)
+
+
+def check_targets(model_cfg, target, limit, *record_sets):
+    """data.check_targets for each (records, path) of `record_sets`, on rank 0 with the tokenizer of
+    model.path (read on its own, before any weight loads); a record over data.max_target_tokens stops every
+    rank."""
+    def check():
+        model_lib.check_folder(model_cfg.path, model_cfg)
+        tokenizer = model_lib.load_tokenizer(model_cfg.path)
+        for records, path in record_sets:
+            data.check_targets(records, tokenizer, target, limit, path)
+    on_rank0(check)
 
 
 def load_policy(model_cfg, device, mesh, *, train=True, offload=False):
@@ -519,13 +648,15 @@ def curves(lines, keys):
 
 def end_of_step(step, run, stop, checkpoint):
     """After `step` (1-based): checkpoint(step) every run.checkpoint_every steps, after the last, and when a
-    SIGTERM reached any rank (stop(), sigterm_watch); returns whether the run stops here for that SIGTERM."""
-    stopping = stop()
-    if stopping or step == run.steps or (run.checkpoint_every and step % run.checkpoint_every == 0):
+    SIGTERM or Ctrl-C reached any rank (stop(), stop_watch); then, for that request, raises Stopped (exit 0
+    after SIGTERM, 130 after Ctrl-C) on every rank."""
+    reason = stop()
+    if reason or step == run.steps or (run.checkpoint_every and step % run.checkpoint_every == 0):
         checkpoint(step)
-    if stopping:
-        print0(f"SIGTERM: checkpoint written at step {step}; rerun with resume=auto to continue")
-    return stopping
+    if reason:
+        print0(f"{reason}: checkpoint written at step {step}; rerun the same command (resume=auto) to "
+               f"continue from {run.out_dir}")
+        raise Stopped(reason, EXIT_CODES[reason])
 
 
 def side_by_side(samples, score, width=46):

@@ -45,6 +45,46 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("sampling:\n  group_size: 4\ntrain:\n  lr: 1.0\nsampling:\n  top_p: 0.9\n",
+     r"c.yaml:5: 'sampling' is set twice \(first on line 1\)"),
+    ("train:\n  lr: 1.0\n  steps: 2\n  lr: 2.0\n", r"c.yaml:4: 'train.lr' is set twice \(first on line 2\)"),
+    ("- train\n- sft\n",
+     r"c.yaml: the top level must be a mapping of sections .*got a list: \['train', 'sft'\]$"),
+    ("just words\n", r"c.yaml: the top level must be a mapping of sections .*got a str"),
+    ("train:\n  lr: [1\n", r"c.yaml: not valid YAML: line 3, column 1: expected ',' or ']'"),
+])
+def test_config_files_are_read_strictly(tmp_path, text, message):
+    """A key set twice (PyYAML would keep the last without a word), a top level that is not a mapping and
+    broken YAML stop in one line naming the file and the line."""
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(tmp_path / "c.yaml")
+    assert "\n" not in str(error.value)
+
+
+def test_a_config_file_that_is_not_utf8_is_named_in_one_line(tmp_path, capsys):
+    (tmp_path / "latin1.yaml").write_bytes("seed: 1\n# café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml:2: not UTF-8 \(byte 0xe9 at offset 13\): save the "
+                                          "file as UTF-8"):
+        load_config(tmp_path / "latin1.yaml")
+    (tmp_path / "utf8.yaml").write_text("seed: 1\n# café\n", encoding="utf-8")
+    assert load_config(tmp_path / "utf8.yaml").seed == 1
+    import sft  # and through a program: one line, exit 1
+    with pytest.raises(SystemExit) as stop:
+        sft.main([str(tmp_path / "latin1.yaml")])
+    assert str(stop.value.code).startswith("config error: ") and "\n" not in str(stop.value.code)
+
+
+def test_long_values_are_cut_in_messages():
+    huge = "x" * 4_000_000
+    assert config.snippet("short") == "'short'"
+    assert config.snippet(huge) == "'" + "x" * 79 + "... (4,000,000 characters)"
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [f"model.path={{'a': '{huge}'}}"])
+    assert len(str(error.value)) < 200
+
+
 def test_save_config_round_trips(tmp_path):
     cfg = load_config(CONFIG, ["judge.prompts={entail: my.txt}", "seed=3"])
     config.save_config(cfg, tmp_path / "c.yaml")

@@ -448,6 +448,41 @@ def test_load_records_errors_cite_file_and_line(tmp_path, bad, line, message):
         data.load_records(path)
 
 
+def test_a_long_id_is_cut_in_the_message(tmp_path):
+    huge = "v" * 4_000_000
+    path = write_jsonl(tmp_path, [{**GOOD, "id": huge}, {**GOOD, "id": huge}])
+    with pytest.raises(DataError) as error:
+        data.load_records(path)
+    assert str(error.value).startswith(f"{path}:2: duplicate id 'vvv") and len(str(error.value)) < 300
+    assert "(4,000,000 characters) (first on line 1)" in str(error.value)
+    with pytest.raises(data.VideoError) as error:  # a benchmark's video path made from such an id
+        data.read_video(str(tmp_path / f"{huge}.mp4"), DataConfig())
+    assert str(error.value).endswith(" characters): no such file") and len(str(error.value)) < 1100
+
+
+def test_targets_over_max_target_tokens(tmp_path, tiny_tokenizer):
+    """Counted in the model's tokens (here the byte-level tokenizer: one token a byte, <|im_end|> one), the
+    think target or the caption alone; a target far over the limit is counted as "N+" without tokenising all
+    of it; the first record over is named by FILE:LINE with how many there are."""
+    subjects = [{"name": "man", "attributes": [], "actions": []}]
+    path = write_jsonl(tmp_path, [{**GOOD, "caption": "a" * 40, "subjects": subjects},
+                                  {**GOOD, "caption": "b" * 200, "subjects": subjects},
+                                  {**GOOD, "caption": "c" * 1_000_000, "subjects": subjects}])
+    records = data.load_records(path)
+    think = len(data.target_text(records[0], "think").encode()) + 1  # 40 + the think block + <|im_end|>
+    # the 1 MB caption: only its first 32 * (limit + 2) characters are tokenised
+    assert data.target_lengths(records, tiny_tokenizer, "caption", 41) == {1: "201", 2: f"{32 * 43 - 1:,}+"}
+    assert data.target_lengths(records, tiny_tokenizer, "think", think) == {1: f"{think + 160}",
+                                                                            2: f"{32 * (think + 2) - 1:,}+"}
+    assert data.target_lengths(records, tiny_tokenizer, "think", think - 1) == {
+        0: f"{think}", 1: f"{think + 160}", 2: f"{32 * (think + 1) - 1:,}+"}
+    message = (f"{path}:2: the target (the caption) is 201 tokens, over data.max_target_tokens=41 (2 records "
+               f"in all: python prepare.py --check {path} lists them); shorten the caption")
+    with pytest.raises(DataError, match=re.escape(message)):
+        data.check_targets(records, tiny_tokenizer, "caption", 41, path)
+    data.check_targets(records[:1], tiny_tokenizer, "caption", 41, path)
+
+
 def test_fields_the_rewards_need_are_required_at_load_time(tmp_path):
     # null means absent, which prepare.py fills in; a run whose rewards need the field stops at load time,
     # naming the record, instead of in the middle of training (think_score raised without a name)

@@ -475,6 +475,56 @@ def test_predictions_and_prompts_are_checked(tmp_path):
             evaluate.evaluate(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, prompts=prompts)))
 
 
+def test_a_huge_id_in_untrusted_predictions_is_cut_in_the_message(tmp_path):
+    """A 4 MB video id (or a 5,000-digit CaReBench key) is quoted as its first 80 characters and its length,
+    not whole (4 MB of stderr)."""
+    annotations = dream_tarsier(tmp_path)
+    huge = "v" * 4_000_000
+    cut = r"preds.jsonl:2: video 'v{79}\.\.\. \(4,000,000 characters\) is not in"
+    with pytest.raises(EvalError, match=cut) as error:
+        evaluate.evaluate(cfg_for(tmp_path, "dream1k", annotations,
+                                  predictions(tmp_path, [("v1", "", "x"), (huge, "", "y")])))
+    assert len(str(error.value)) < 400
+    care = write_json(tmp_path / "description.json", {"0" * 5000: {"pred": "x", "gt": "y"}})
+    cut = r"description.json:key 0{80}\.\.\. \(5,000 characters\): expected the index"
+    with pytest.raises(EvalError, match=cut) as error:
+        evaluate.evaluate(cfg_for(tmp_path, "dream1k", annotations, care))
+    assert len(str(error.value)) < 400
+
+
+def test_a_second_evaluation_of_one_out_dir_is_refused(tmp_path):
+    import runfolder
+    annotations = dream_tarsier(tmp_path)
+    cfg = cfg_for(tmp_path, "dream1k", annotations, predictions(tmp_path, [("v1", "", "x")]))
+    with runfolder.hold(cfg.eval.out_dir, "eval.out_dir", "evaluate.py"):
+        proc = subprocess.run([sys.executable, "evaluate.py", f"eval.annotations={annotations}",
+                               f"eval.out_dir={cfg.eval.out_dir}", "eval.score_only=true",
+                               f"eval.predictions={cfg.eval.predictions}", "judge.url=lexical"],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"evaluate: eval.out_dir={cfg.eval.out_dir} is in "
+                                                           f"use by evaluate.py pid {os.getpid()}")
+    assert len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("error, code, line", [
+    (KeyboardInterrupt(), 130, "evaluate: Ctrl-C: stopped at once; the captions written so far are kept: "
+                               "rerun the same command to continue"),
+    (OSError(28, "No space left on device", "x/preds.jsonl.rank0"), 1,
+     "evaluate: cannot write x/preds.jsonl.rank0 (disk full or not writable?): No space left on device"),
+])
+def test_ctrl_c_and_a_full_disk_end_evaluate_in_one_line(tmp_path, monkeypatch, capsys, error, code, line):
+    def stopped(cfg):
+        raise error
+    monkeypatch.setattr(evaluate, "evaluate", stopped)
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main([f"eval.out_dir={tmp_path}"])
+    if code == 130:
+        assert stop.value.code == 130 and capsys.readouterr().err.strip() == line
+    else:  # sys.exit(message): the message on stderr, exit status 1
+        assert stop.value.code == line
+    assert not (tmp_path / "run.lock").exists()  # released
+
+
 def test_a_prompt_file_replaces_the_builtin_wording(tmp_path, judge_server, judge_cfg):
     (tmp_path / "answer.txt").write_text(scoring.TEMPLATES["vdc_answer"].split("\n")[0] +
                                          "\nOFFICIAL WORDING. detailed description: {caption}, "

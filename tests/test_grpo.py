@@ -153,7 +153,19 @@ def test_demo_end_to_end(tiny_model_dir, tmp_path, nproc):
     assert kind == "qwen2_vl" and model.load_tokenizer(str(tmp_path / "export")).pad_token_id is not None
 
 
-def test_sigterm_writes_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_path):
+def wait_for_lines(path, n, proc, timeout=120):
+    """Wait until `path` has `n` lines (a running program's metrics.jsonl)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and \
+            not (path.exists() and len(path.read_text().splitlines()) >= n):
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig, code, name", [(signal.SIGTERM, 0, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_sigterm_and_ctrl_c_write_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_path, sig, code,
+                                                                     name):
+    """As a user stops a run: the step ends, a checkpoint is written, one line says so (Ctrl-C: one more on
+    receipt), no traceback; exit 0 for SIGTERM (a scheduler's), 130 for Ctrl-C; the rerun resumes there."""
     path = tiny_model_dir("qwen2_vl")
     args = ["demo.yaml", f"model.path={path}", f"train.out_dir={tmp_path}", "train.checkpoint_every=0",
             "train.warm_start=false",
@@ -161,19 +173,49 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_pa
     proc = subprocess.Popen([sys.executable, "grpo.py", *args, "train.steps=10000"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    wait_for_lines(metrics, 2, proc)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    assert "SIGTERM: checkpoint written at step" in out
+    assert proc.returncode == code, err[-3000:]
+    assert f"{name}: checkpoint written at step" in out and "Traceback" not in err
+    said = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("Ctrl-C")]
+    assert said == (["Ctrl-C: stopping after this step, with a checkpoint; Ctrl-C again stops at once, "
+                     "without one"] if name == "Ctrl-C" else [])
     step = int(out.split("checkpoint written at step ")[1].split(";")[0])
-    assert os.listdir(tmp_path / "checkpoints") == [f"step-{step:06d}"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [f"step-{step:06d}"]
+    assert not (tmp_path / "run.lock").exists()  # released
     resumed = run_grpo(args + [f"train.steps={step + 1}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {tmp_path}/checkpoints/step-{step:06d} at step {step}" in resumed.stdout
     assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step + 1
+
+
+def test_a_live_run_keeps_its_folder_and_sigterm_in_the_warm_start_exits_0(tiny_model_dir, tmp_path):
+    """While a run is in its warm start's SFT stage, a second start on its train.out_dir (a requeued job, a
+    second terminal) is refused in one line naming the folder and the holder, before writing anything. Then
+    SIGTERM ends the first after the SFT checkpoint with exit 0 (not 1, advising a random model), and the
+    rerun continues the SFT stage, then GRPO."""
+    path = tiny_model_dir("qwen2_vl")
+    args = ["demo.yaml", f"model.path={path}", f"train.out_dir={tmp_path}", f"sft.out_dir={tmp_path}/sft",
+            "sampling.max_new_tokens=16", "train.prompts_per_rank=1", "sft.prompts_per_rank=2",
+            "sft.checkpoint_every=0", "train.export=false"]
+    first = subprocess.Popen([sys.executable, "grpo.py", *args, "sft.steps=10000", "train.steps=1"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_lines(tmp_path / "sft" / "metrics.jsonl", 1, first)
+    second = run_grpo(args + ["train.steps=1"])
+    assert second.returncode == 1 and len(second.stderr.splitlines()) == 1, second.stderr[-3000:]
+    assert second.stderr.startswith(f"grpo.py: train.out_dir={tmp_path} is in use by grpo.py pid {first.pid} "
+                                    "on ")
+    assert sorted(os.listdir(tmp_path)) == ["run.lock", "sft"]  # the second wrote nothing
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err[-3000:]
+    step = int(out.split("SIGTERM: checkpoint written at step ")[1].split(";")[0])
+    assert os.listdir(tmp_path / "sft" / "checkpoints") == [f"step-{step:06d}"] and "GRPO:" not in out
+    again = run_grpo(args + [f"sft.steps={step + 1}", "train.steps=1"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {tmp_path}/sft/checkpoints/step-{step:06d} at step {step}" in again.stdout
+    assert f"GRPO: qwen2_vl from {tmp_path}/sft/export" in again.stdout and "done: 1 steps" in again.stdout
 
 
 @pytest.mark.parametrize("override, message", [

@@ -255,7 +255,8 @@ def test_check_passes_on_the_shipped_set(tmp_path, capsys, tiny_model_dir, exact
     assert status == 0, report
     assert f"{len(SHIPPED)} of {len(SHIPPED)} videos read, 0 unreadable" in report[1]
     assert ("the tokenizer of" in report[0]) == exact
-    assert report[-1] == "OK: every video reads and every prompt fits data.max_prompt_tokens=8192"
+    assert report[-1] == ("OK: every video reads, every prompt fits data.max_prompt_tokens=8192 and every "
+                          "target data.max_target_tokens=2048")
 
 
 def test_check_fails_without_subjects_while_tscore_is_on(tmp_path, capsys):
@@ -267,6 +268,21 @@ def test_check_fails_without_subjects_while_tscore_is_on(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == (
         "FAIL: 1 record(s) without subjects while reward.think_weight=1.0: run python prepare.py")
     assert prepare.main(argv + ["reward.think_weight=0"]) == 0
+
+
+def test_check_flags_a_target_over_max_target_tokens(tmp_path, capsys):
+    """A 1 MB caption (which training refuses at start) fails --check, listed with its FILE:LINE."""
+    path = tmp_path / "data.jsonl"
+    record = {"video": str(CLIPS / "red_square_right.mp4"), "caption": "A red square.", "subjects": []}
+    path.write_text(json.dumps(record) + "\n" + json.dumps({**record, "caption": "A red square. " * 75_000})
+                    + "\n")
+    argv = ["--check", str(path), str(ROOT / "config.yaml"), f"model.path={tmp_path}", *SETTINGS]
+    assert prepare.main(argv) == 1
+    report = capsys.readouterr().out.splitlines()
+    over = report.index("targets over data.max_target_tokens=2048 (an upper bound):")
+    assert report[over + 1] == f"  {path}:2: 'data:2', 65,599+ tokens (a caption of 1,050,000 characters)"
+    assert report[-1] == ("FAIL: 1 target(s) over data.max_target_tokens=2048, which training refuses: "
+                          "shorten their captions or raise the limit")
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -108,3 +109,41 @@ def test_think_target_needs_subjects_and_bad_settings_fail(tiny_model_dir, tmp_p
         assert message in str(stop.value.code), stop.value.code
     help_ = subprocess.run([sys.executable, "sft.py", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert help_.returncode == 0 and "sft.target=caption" in help_.stdout
+
+
+def test_an_unwritable_out_dir_is_refused_in_one_line(tmp_path, capsys):
+    """sft.py, grpo.py and evaluate.py name the key and the folder they cannot write, in one line, before any
+    work (a regular file where the folder should be: refused for root too, unlike a read-only mode)."""
+    import evaluate
+    import grpo
+    (tmp_path / "file").write_text("")
+    folder = tmp_path / "file" / "run"
+    for main, key in [(sft.main, "sft.out_dir"), (grpo.main, "train.out_dir"),
+                      (evaluate.main, "eval.out_dir")]:
+        with pytest.raises(SystemExit) as stop:
+            main([DEMO, f"{key}={folder}", "model.build_tiny="])
+        message = str(stop.value.code)
+        assert message.endswith(f"{key}={folder}: cannot write into the folder (disk full or not writable?): "
+                                "Not a directory"), message
+        assert "\n" not in message and capsys.readouterr().err == ""
+
+
+def test_a_record_over_max_target_tokens_is_refused_at_start(tiny_model_dir, tmp_path, monkeypatch):
+    """A 1 MB caption stops the run at its FILE:LINE before any weight loads or step runs, in seconds: the
+    SFT step never sees it (it took over 30 s and 4.2 GB before). Refused rather than cut: a cut target would
+    teach the model to stop mid-caption without </answer> and its end token."""
+    records = [json.loads(line) for line in open(f"{ROOT}/tests/data/train.jsonl")][:3]
+    for r in records:
+        r["video"] = f"{ROOT}/tests/data/{r['video']}"
+    records[1]["caption"] = "A man walks to the door. " * 42_000  # 1 MB
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    def step(*args):
+        raise AssertionError("a step ran with the 1 MB target")  # where the old code spent 4.2 GB and minutes
+    monkeypatch.setattr(sft, "train_step", step)
+    start = time.time()
+    with pytest.raises(data.DataError, match=rf"^{train}:2: the target \(<think>subjects</think><answer>"
+                                             r"caption</answer>\) is [\d,]+\+ tokens, over "
+                                             "data.max_target_tokens=2048; shorten the caption"):
+        sft.train(sft_cfg(tiny_model_dir("qwen2_vl"), tmp_path / "out", f"data.train={train}"))
+    assert time.time() - start < 30 and not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -5,8 +5,10 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import weakref
 
 import pytest
@@ -321,3 +323,86 @@ def test_ranks_are_named_in_spans():
     assert training.ranks_named([8, 9, 10, 12, 14, 15]) == "ranks 8-10, 12, 14-15"
     assert training.per_rank(["a"]) == "a" and training.per_rank(["", ""]) == ""
     assert training.per_rank(["", "x", "x", "y"]) == "ranks 1-2: x; rank 3: y"
+
+
+def test_sigterm_and_ctrl_c_wait_for_the_end_of_the_step():
+    """In the loop's block a SIGTERM or a first Ctrl-C only note a request: the step ends, end_of_step writes
+    its checkpoint and raises Stopped (exit 0 after SIGTERM, 130 after Ctrl-C); a second Ctrl-C a moment later
+    stops at once. Outside the block both raise at once (KeyboardInterrupt, Terminated)."""
+    run = config.TrainConfig(steps=10, checkpoint_every=0)
+    with training.process_group("test", 60) as (rank, world, device, mesh):
+        for sig, reason, code in [(signal.SIGTERM, "SIGTERM", 0), (signal.SIGINT, "Ctrl-C", 130)]:
+            written = []
+            with training.stop_watch() as stop:
+                training.end_of_step(1, run, stop, written.append)  # nothing asked: no checkpoint
+                os.kill(os.getpid(), sig)
+                time.sleep(0.1)  # the step goes on
+                with pytest.raises(training.Stopped) as stopped:
+                    training.end_of_step(2, run, stop, written.append)
+            assert written == [2] and (str(stopped.value), stopped.value.exit_code) == (reason, code)
+        with pytest.raises(KeyboardInterrupt):
+            with training.stop_watch():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(training.AGAIN_AFTER + 0.2)
+                os.kill(os.getpid(), signal.SIGINT)  # again: at once
+                time.sleep(1)
+        for sig, kind in [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, training.Terminated)]:
+            with pytest.raises(kind):
+                os.kill(os.getpid(), sig)
+                time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+
+
+@pytest.mark.parametrize("error, code, line", [
+    (KeyboardInterrupt(), 130, "x.py: Ctrl-C: stopped at once; the checkpoints written so far are intact: "
+                               "rerun the same command to resume"),
+    (training.Terminated(), 0, "x.py: SIGTERM: stopped at once;"),
+    (training.Stopped("Ctrl-C", 130), 130, None),
+])
+def test_interruptions_end_in_one_line(capsys, error, code, line):
+    with pytest.raises(SystemExit) as stop:
+        with training.one_line_errors("x.py"):
+            raise error
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == code
+    assert (err.startswith(line) and len(err.splitlines()) == 1) if line else err == ""
+
+
+def test_an_export_is_replaced_whole_and_a_kill_midway_is_undone(tmp_path, monkeypatch):
+    """replace_folder: old aside, new in, old removed. Killed between the two renames, `export` is absent
+    (never half) and recover_export puts the complete old one back; killed after, the leftover copy goes."""
+    export, new = tmp_path / "export", tmp_path / "export.tmp"
+    for folder, text in ((export, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+        (folder / "tokenizer.json").write_text(text)
+    rename = os.rename
+
+    def killed_at_the_second(src, dst):
+        if str(src) == str(new):
+            raise KeyboardInterrupt
+        rename(src, dst)
+    monkeypatch.setattr(os, "rename", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.replace_folder(str(new), str(export))
+    monkeypatch.setattr(os, "rename", rename)
+    assert not export.exists()
+    assert sorted(os.listdir(tmp_path / "export.old")) == ["config.json", "tokenizer.json"]
+    with pytest.raises(model.ModelError, match=r"a run stopped while replacing this export; the previous one "
+                                               r"is .*export.old: rerun the training command"):
+        model.check_folder(str(export), config.ModelConfig())
+    checkpoint.recover_export(str(export))
+    assert (export / "config.json").read_text() == "old" and not (tmp_path / "export.old").exists()
+    checkpoint.replace_folder(str(new), str(export))
+    assert (export / "config.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["export"]
+    shutil.copytree(export, tmp_path / "export.old")  # killed after the new one was in: a leftover copy
+    checkpoint.recover_export(str(export))
+    assert (export / "config.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["export"]
+
+
+def test_resume_puts_back_an_export_a_kill_left_aside(tiny_model_dir, tmp_path, world_of_one):
+    policy, _, optimizer = tiny_policy(tiny_model_dir("qwen2_vl"), world_of_one)
+    (tmp_path / "export.old").mkdir()
+    (tmp_path / "export.old" / "config.json").write_text("{}")
+    checkpoint.resume(config.TrainConfig(out_dir=str(tmp_path)), policy, optimizer, 0)
+    assert sorted(os.listdir(tmp_path)) == ["export"]
