@@ -3,7 +3,7 @@ loss denominators and the batch std are global all-reduces in train_step), a che
 exactly on one rank and with train.replicate=2 (weights and AdamW state), and a rank that stops responding
 ends the run within train.collective_timeout with a message that names the rank that waited and why.
 
-Every run here is tests/ranks_worker.py's: a toy reward, and each video's completions drawn from its own
+Every run here is tests/train_worker.py's: a toy reward, and each video's completions drawn from its own
 generator, so that the completions do not depend on the number of ranks."""
 import json
 import os
@@ -21,11 +21,11 @@ import checkpoint
 import config
 import grpo
 import model
-import ranks_worker
+import train_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-WORKER = os.path.join(ROOT, "tests", "ranks_worker.py")
+WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 # 2 videos a step (1 per rank on 2 ranks), G = 4 split over micro-batches of 3, the loss over the tokens
 # (its denominator a global token count) and advantages scaled by the global batch's std
 RUN = ["train.warm_start=false", f"data.train={ROOT}/tests/data/train.jsonl",
@@ -41,13 +41,13 @@ def torchrun(nproc, mode, overrides, env=None, timeout=300):
 
 
 def in_process(overrides, monkeypatch, state_out=None):
-    """ranks_worker's `grpo` in this process: a world of one."""
+    """train_worker's `ranks` in this process: a world of one."""
     cfg = config.load_config(os.path.join(ROOT, "demo.yaml"), overrides)
-    monkeypatch.setattr(model, "generate", ranks_worker.per_video_sampling(model.generate))
+    monkeypatch.setattr(model, "generate", train_worker.per_video_sampling(model.generate))
     if state_out:
         monkeypatch.setattr(checkpoint, "resume",
-                            ranks_worker.record_resumed_state(checkpoint.resume, state_out))
-    grpo.train(cfg, reward_fn=ranks_worker.letters_reward(cfg.model.path))
+                            train_worker.record_resumed_state(checkpoint.resume, state_out))
+    grpo.train(cfg, reward_fn=train_worker.letters_reward(cfg.model.path))
 
 
 def logged(out_dir):
@@ -98,7 +98,7 @@ def assert_state_equals_checkpoint(loaded, saved):
 def two_ranks(tiny_model_dir, tmp_path_factory):
     """4 steps on 2 ranks, checkpoints at steps 2 and 4, the export: the run the others are compared with."""
     out = tmp_path_factory.mktemp("two-ranks")
-    proc = torchrun(2, "grpo", [*RUN, f"model.path={tiny_model_dir('qwen2_vl')}", f"train.out_dir={out}",
+    proc = torchrun(2, "ranks", [*RUN, f"model.path={tiny_model_dir('qwen2_vl')}", f"train.out_dir={out}",
                                 "train.steps=4", "train.prompts_per_rank=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -133,7 +133,7 @@ def test_a_checkpoint_resumes_exactly_with_another_replicate(two_ranks, tiny_mod
     """The two ranks' step 2 (one copy sharded over both) loaded by two ranks with train.replicate=2 (a whole
     copy on each): the weights and AdamW state loaded are those saved, bit for bit."""
     shutil.copytree(two_ranks / "checkpoints" / "step-000002", tmp_path / "run/checkpoints/step-000002")
-    proc = torchrun(2, "grpo", [*RUN, f"model.path={tiny_model_dir('qwen2_vl')}",
+    proc = torchrun(2, "ranks", [*RUN, f"model.path={tiny_model_dir('qwen2_vl')}",
                                 f"train.out_dir={tmp_path}/run", "train.steps=2", "train.prompts_per_rank=1",
                                 "train.replicate=2",
                                 "train.export=false"], env={"STATE_OUT": str(tmp_path / "loaded.pt")})

@@ -1,17 +1,21 @@
-"""What tests/test_ranks.py runs, under torchrun (one process per rank) or alone (a world of one).
+"""What tests/test_ranks.py and tests/test_resume.py run, under torchrun (one process per rank) or alone (a
+world of one): grpo.train on demo.yaml and the overrides, with `letters_reward` (a toy reward that needs no
+judge and has spread on a random model).
 
-    torchrun --nproc_per_node N tests/ranks_worker.py grpo [key=value ...]    # grpo.train, demo.yaml + these
-    torchrun --nproc_per_node 2 tests/ranks_worker.py hang [key=value ...]    # rank 1 hangs at step 2
+    python tests/train_worker.py grpo [key=value ...]                          # the program's own rollout
+    torchrun --nproc_per_node N tests/train_worker.py ranks [key=value ...]    # per-video sampling
+    torchrun --nproc_per_node 2 tests/train_worker.py hang [key=value ...]     # rank 1 hangs at step 2
 
-`grpo`: grpo.train on demo.yaml with `letters_reward` (a toy reward that needs no judge) and each video's
-completions drawn from a generator seeded by the video's own pixels (`per_video_sampling`) rather than by the
-rank: a video gets the same completions whichever rank takes it and however many ranks there are, so runs on
-different numbers of ranks can be compared value for value. (The rollout's own generator, which this leaves
-unused, is what test_resume.py's comparisons of a resumed run with an uninterrupted one check.) With
+`grpo`: the run as the program does it, to be stopped (SIGTERM) and resumed.
+
+`ranks`: each video's completions drawn from a generator seeded by the video's own pixels
+(`per_video_sampling`) rather than the rank's: a video gets the same completions whichever rank takes it and
+however many ranks there are, so runs on different numbers of ranks can be compared value for value (the
+rollout's own generator, which this leaves unused, is what the `grpo` runs of test_resume.py check). With
 STATE_OUT set, rank 0 writes the full weights and AdamW state that checkpoint.resume loaded into STATE_OUT
 (`record_resumed_state`), to compare with the checkpoint as it was saved.
 
-`hang`: the same run, but rank 1 stops responding inside its reward at step 2, as a judge call that never
+`hang`: as `ranks`, but rank 1 stops responding inside its reward at step 2, as a judge call that never
 returns would, so that rank 0 meets train.collective_timeout in its next collective.
 """
 import hashlib
@@ -93,7 +97,8 @@ def hang_at_step_2(reward_fn):
 
 def main(mode, overrides):
     cfg = config.load_config(os.path.join(ROOT, "demo.yaml"), overrides)
-    model.generate = per_video_sampling(model.generate)
+    if mode != "grpo":
+        model.generate = per_video_sampling(model.generate)
     if os.environ.get("STATE_OUT"):
         checkpoint.resume = record_resumed_state(checkpoint.resume, os.environ["STATE_OUT"])
     reward_fn = letters_reward(cfg.model.path)
