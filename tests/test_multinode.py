@@ -108,7 +108,7 @@ def test_loading_from_rank0_equals_every_rank_reading_and_hsdp_equals_fsdp(tiny_
     assert found["check_shared"].startswith(f"rank 3 cannot see {tmp_path}/shared, where rank 0 keeps the "
                                             "checkpoints"), found["check_shared"]
     assert found["hsdp_moved"] > 1e-3                                     # the update did move the parameters
-    assert found["hsdp_max_diff"] < 1e-5
+    assert found["hsdp_max_diff"] < 3e-7                                  # measured 3e-8: float rounding
     assert found["loss_replicate=2"] == pytest.approx(found["loss_replicate=1"], abs=1e-6)
 
 
