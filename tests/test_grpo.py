@@ -16,6 +16,7 @@ import config
 from conftest import assert_resume_is_exact
 import grpo
 import model
+from train_worker import letters_reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "demo.yaml")
@@ -27,18 +28,6 @@ def demo_cfg(model_dir, out_dir, *overrides):
                                      "train.warm_start=false",
                                      f"data.train={ROOT}/tests/data/train.jsonl",
                                      f"data.prompt_file={ROOT}/prompts/think.txt", *overrides])
-
-
-def letters_reward(model_dir):
-    """Toy reward: the share of a completion's tokens that are lowercase letters."""
-    tokenizer = model.load_tokenizer(model_dir)
-    target = torch.tensor(tokenizer.convert_tokens_to_ids(list("abcdefghijklmnopqrstuvwxyz")))
-
-    def reward_fn(texts, records, roll):
-        mask = grpo.length_mask(roll.lengths, roll.ids.shape[1])
-        share = ((torch.isin(roll.ids, target) & mask).sum(1) / roll.lengths).float()  # (N,)
-        return share, {"letters": share}, {}
-    return reward_fn
 
 
 def rewards_logged(out_dir):

@@ -6,7 +6,6 @@ changes.jsonl is cut back with the logs; each key a checkpoint depends on is ref
 previous one only once complete. A judge gone for good stops the run with a checkpoint, quoting its last
 error."""
 import errno
-import json
 import os
 import re
 import shutil
