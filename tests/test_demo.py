@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import benchmarks
 import config
 import data
@@ -58,6 +60,7 @@ def figures(results):
             "Tscore (0-1)": f"{structure['think']:.3f}"}
 
 
+@pytest.mark.slow
 def test_evaluate_demo_prints_before_and_after(tiny_model_dir, tmp_path):
     """Two different models caption the held-out clips: the baseline's captions and figures go to baseline/,
     the model's to eval.out_dir, and the table holds each one's figures."""

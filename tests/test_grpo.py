@@ -3,10 +3,8 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -41,6 +39,7 @@ LEARN = ["train.steps=30", "train.lr=3e-3", "sampling.group_size=8", "sampling.m
          "train.sample_every=0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sign", [1, -1])
 def test_it_learns_a_toy_reward_and_not_with_the_sign_flipped(tiny_model_dir, tmp_path, monkeypatch, sign):
     """The mean reward rises clearly within 30 steps; with -A instead of A it must not
@@ -61,6 +60,7 @@ def test_it_learns_a_toy_reward_and_not_with_the_sign_flipped(tiny_model_dir, tm
         assert last < first, (first, last)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("agg, checkpointing", [("seq-mean-token-mean", "false"), ("token-mean", "true")])
 def test_fsdp_two_ranks_equal_one_process(tiny_model_dir, tmp_path, agg, checkpointing):
     """Two ranks with prefix-shared passes (each group's prompt once, the groups split over micro-batches)
@@ -116,6 +116,7 @@ def run_grpo(args, nproc=1, timeout=300):
     return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_demo_end_to_end(tiny_model_dir, tmp_path, nproc):
     path = tiny_model_dir("qwen2_vl")
@@ -140,29 +141,6 @@ def test_demo_end_to_end(tiny_model_dir, tmp_path, nproc):
         assert f"{tmp_path}/sft/export was made from model.path={path}" in again.stderr
     hf, kind = model.load_model(str(tmp_path / "export"), saved.model, "cpu", train=False)
     assert kind == "qwen2_vl" and model.load_tokenizer(str(tmp_path / "export")).pad_token_id is not None
-
-
-def test_sigterm_writes_a_checkpoint_and_resume_continues(tiny_model_dir, tmp_path):
-    path = tiny_model_dir("qwen2_vl")
-    args = ["demo.yaml", f"model.path={path}", f"train.out_dir={tmp_path}", "train.checkpoint_every=0",
-            "train.warm_start=false",
-            "train.export=false", "sampling.max_new_tokens=32"]
-    proc = subprocess.Popen([sys.executable, "grpo.py", *args, "train.steps=10000"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    assert "SIGTERM: checkpoint written at step" in out
-    step = int(out.split("checkpoint written at step ")[1].split(";")[0])
-    assert os.listdir(tmp_path / "checkpoints") == [f"step-{step:06d}"]
-    resumed = run_grpo(args + [f"train.steps={step + 1}"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {tmp_path}/checkpoints/step-{step:06d} at step {step}" in resumed.stdout
-    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step + 1
 
 
 @pytest.mark.parametrize("override, message", [
@@ -254,30 +232,6 @@ def test_commands_answer_help_and_refuse_unknown_options(capsys):
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python grpo.py")
 
 
-HANG = """
-import os, sys, time, torch.distributed as dist, training
-rank, world, device, mesh = training.init_distributed(timeout=float(sys.argv[1]))
-if rank == 1:
-    time.sleep(120)  # a rank that stops responding
-start = time.time()
-try:
-    training.reduce([1.0])
-except Exception as e:
-    print(f"rank {rank} stopped waiting after {time.time() - start:.0f} s: {type(e).__name__}", flush=True)
-    os._exit(3)
-"""
-
-
-def test_the_collective_timeout_ends_a_wait_for_a_hung_rank(tmp_path):
-    script = tmp_path / "hang.py"
-    script.write_text(HANG)
-    start = time.time()
-    proc = subprocess.run(TORCHRUN + ["--nproc_per_node=2", str(script), "5"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=100, env={**os.environ, "PYTHONPATH": ROOT})
-    assert "rank 0 stopped waiting after" in proc.stdout, proc.stdout + proc.stderr[-2000:]
-    assert proc.returncode != 0 and time.time() - start < 90
-
-
 def test_logged_loss_is_the_mean_of_the_passes_applied(tiny_model_dir, tmp_path, monkeypatch):
     """num_iterations=3 with the second pass non-finite: the loss logged is the mean of passes 1 and 3."""
     path = tiny_model_dir("qwen2_vl")
@@ -307,6 +261,7 @@ def test_held_out_rewards_are_logged(tiny_model_dir, tmp_path):
     assert lines[1]["val_reward"] == lines[1]["val_reward_letters"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_logging_names_the_file(tiny_model_dir, tmp_path):
     path = tiny_model_dir("qwen2_vl")
     # ulimit -f 4: no file past 4 KiB; config.yaml (3 KiB) fits, metrics.jsonl fills up after some 5 steps

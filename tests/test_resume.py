@@ -77,7 +77,8 @@ def assert_logged_alike(straight, resumed, key, steps):
     assert [m[key] for m in b] == [m[key] for m in a]
 
 
-def test_grpo_stopped_killed_and_resumed_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+@pytest.mark.slow
+def test_grpo_stopped_killed_and_resumed_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, capsys):
     """SIGTERM at step k (grpo.train in its own process, the program's rollout generator), resume to k + 2, a
     kill after logging k + 2, resume again: the weights, every step's reward and loss, and the samples equal
     those of k + 2 steps straight, bit for bit."""
@@ -87,6 +88,7 @@ def test_grpo_stopped_killed_and_resumed_equals_an_uninterrupted_run(tiny_model_
                            f"train.out_dir={stopped}", "train.steps=1000"], stopped)
     reward_fn = train_worker.letters_reward(path)
     grpo.train(grpo_cfg(path, stopped, f"train.steps={k + 2}"), reward_fn=reward_fn)
+    assert f"resumed from {stopped}/checkpoints/step-{k:06d} at step {k}" in capsys.readouterr().out
     kill_after_logging(stopped, k + 2)
     grpo.train(grpo_cfg(path, stopped, f"train.steps={k + 2}"), reward_fn=reward_fn)
     grpo.train(grpo_cfg(path, straight, f"train.steps={k + 2}"), reward_fn=reward_fn)
@@ -96,6 +98,7 @@ def test_grpo_stopped_killed_and_resumed_equals_an_uninterrupted_run(tiny_model_
     assert logged(stopped, "samples.jsonl") == logged(straight, "samples.jsonl")
 
 
+@pytest.mark.slow
 def test_sft_stopped_killed_and_resumed_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
     """The same for sft.py, stopped as `python sft.py` by SIGTERM: the weights and every step's loss."""
     path = tiny_model_dir("qwen2_vl")
