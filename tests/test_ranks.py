@@ -67,8 +67,8 @@ def assert_same_run(one, two, steps):
 
 def assert_same_weights(one, two, initial):
     """The exports of two runs are equal within 3e-4 (AdamW divides each gradient by its own running scale,
-    so the rounding noise of a near-zero gradient becomes a step of up to lr = 1e-3), a fraction of how far
-    the runs moved the weights."""
+    so the rounding noise of a near-zero gradient becomes a step of up to lr = 1e-3), and within a tenth of
+    how far the runs moved the weights."""
     a, b, start = (load_file(f"{path}/model.safetensors")
                    for path in (f"{one}/export", f"{two}/export", initial))
     moved = max((a[k] - start[k]).abs().max().item() for k in a)
