@@ -573,9 +573,10 @@ def summary(out, t):
             + "\n".join(training.curves(lines, keys)))
     samples = training.read_jsonl(os.path.join(out, "samples.jsonl"))
     text += "\n" + training.side_by_side(samples, "reward")
-    return (text + f"\nlast peak memory {lines[-1]['peak_mem_gb']:.2f} GB\n"
-            f"metrics: {out}/metrics.jsonl, samples: {out}/samples.jsonl, checkpoints: {out}/checkpoints, "
-            f"export: {out}/export")
+    if lines:  # none when a run resumes at its last step with no log of its own
+        text += f"\nlast peak memory {lines[-1]['peak_mem_gb']:.2f} GB"
+    return (text + f"\nmetrics: {out}/metrics.jsonl, samples: {out}/samples.jsonl, "
+            f"checkpoints: {out}/checkpoints, export: {out}/export")
 
 
 def main(argv):

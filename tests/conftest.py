@@ -8,6 +8,11 @@ if REPO_ROOT not in sys.path:
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end run of several processes or many steps (10 s or "
+                            "more on 2 cores); `python -m pytest -q tests -m 'not slow'` leaves them out")
+
+
 # ---- judge fixtures (judge.py): a lexical judge server on a free port of 127.0.0.1
 @pytest.fixture
 def judge_server():

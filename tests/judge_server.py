@@ -87,6 +87,9 @@ def answer_data_prompt(prompt):
 
 class JudgeServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 drops the SYN of a 6th connection made at once, which the client
+    # then resends after 1 s: a client of 8 or 16 threads must find them all accepted
+    request_queue_size = 64
 
     def __init__(self, port=0, model="judge-test", latency=0.0, models_endpoint=True, capacity=None):
         super().__init__(("127.0.0.1", port), _Handler)

@@ -15,6 +15,7 @@ import bench
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_quick_bench_prints_its_figures_and_skips_the_gpu():
     run = subprocess.run([sys.executable, "bench.py", "--quick", "--no-gpu"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)

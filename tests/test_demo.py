@@ -6,8 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import benchmarks
 import config
+import data
 import evaluate
 import rewards
 
@@ -43,15 +46,60 @@ def test_structure_scores_worked_example():
     assert rewards.parse_output(perfect).error is None
 
 
+def table(stdout):
+    """The before/after table's rows: {figure: (before, after, change)}, as printed."""
+    rows = stdout.split("## Before and after")[1].split("|---|---|---|---|\n")[1].strip().splitlines()
+    cells = ([c.strip() for c in row.strip("|").split("|")] for row in rows)
+    return {row[0]: tuple(row[1:]) for row in cells}
+
+
+def figures(results):
+    """A results.json's figures as the table prints them."""
+    overall, structure = results["metrics"]["events"]["overall"], results["structure"]
+    return {**{f"events {k} (%)": f"{100 * overall[k]:.1f}" for k in ("f1", "precision", "recall")},
+            "<think>/<answer> format (%)": f"{100 * structure['format']:.1f}",
+            "Tscore (0-1)": f"{structure['think']:.3f}"}
+
+
+@pytest.mark.slow
 def test_evaluate_demo_prints_before_and_after(tiny_model_dir, tmp_path):
-    path = tiny_model_dir("qwen2_vl")
-    proc = subprocess.run([sys.executable, "evaluate.py", "demo.yaml", f"eval.model={path}",
-                           f"eval.baseline={path}", f"eval.out_dir={tmp_path}", "eval.max_new_tokens=16"],
+    """Two different models caption the held-out clips: the baseline's captions and figures go to baseline/,
+    the model's to eval.out_dir, and the table holds each one's figures."""
+    before_model, after_model = tiny_model_dir("qwen2_5_vl"), tiny_model_dir("qwen2_vl")
+    proc = subprocess.run([sys.executable, "evaluate.py", "demo.yaml", f"eval.model={after_model}",
+                           f"eval.baseline={before_model}", f"eval.out_dir={tmp_path}",
+                           "eval.max_new_tokens=16"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "## Before and after" in proc.stdout and "| events f1 (%) |" in proc.stdout
-    assert "| <think>/<answer> format (%) |" in proc.stdout and "| Tscore (0-1) |" in proc.stdout
+    assert f"## Before and after: {before_model} -> {after_model}" in proc.stdout
     before = json.loads((tmp_path / "baseline" / "results.json").read_text())
     after = json.loads((tmp_path / "results.json").read_text())
-    assert before["metrics"] == after["metrics"]  # the same model twice: the same figures, change +0.0
-    assert "| +0.0 |" in proc.stdout
+    assert (before["model"], after["model"]) == (before_model, after_model)
+    captions = [[r["output"] for r in map(json.loads, open(folder / "predictions.jsonl"))]
+                for folder in (tmp_path / "baseline", tmp_path)]
+    assert len(captions[0]) == len(captions[1]) == 4 and captions[0] != captions[1]  # each model's own
+    rows = table(proc.stdout)
+    old, new = figures(before), figures(after)
+    assert {k: v[:2] for k, v in rows.items()} == {k: (old[k], new[k]) for k in new}
+
+
+def test_the_before_and_after_table_worked_example(tmp_path):
+    """Captions written here, scored (eval.score_only): before, each held-out clip's caption as plain text;
+    after, the same caption in the output format with the clip's subjects. Format 0 % -> 100 %, Tscore 0 -> 1
+    (every subject, attribute and action matched), the event figures unchanged (the same answer texts)."""
+    records = data.load_records(os.path.join(HELD_OUT, "val.jsonl"))
+    plain, structured = (lambda r: r.caption), rewards.reference_output
+    for folder, output in ((tmp_path / "baseline", plain), (tmp_path, structured)):
+        folder.mkdir(exist_ok=True)
+        (folder / "predictions.jsonl").write_text("".join(
+            json.dumps({"id": str(k), "output": output(r)}) + "\n" for k, r in enumerate(records, 1)))
+    proc = subprocess.run([sys.executable, "evaluate.py", "demo.yaml", "eval.score_only=true",
+                           "eval.model=after", "eval.baseline=before", f"eval.out_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = table(proc.stdout)
+    assert rows["<think>/<answer> format (%)"] == ("0.0", "100.0", "+100.0")
+    assert rows["Tscore (0-1)"] == ("0.000", "1.000", "+1.000")
+    events = [rows[f"events {k} (%)"] for k in ("f1", "precision", "recall")]
+    assert all(before == after and change == "+0.0" for before, after, change in events), events
+    assert float(events[1][0]) > 0  # the captions do describe the clips

@@ -756,6 +756,7 @@ def test_resume_refuses_other_settings(resumed):
         evaluate.evaluate(load_config(None, resumed["args"] + ["eval.max_new_tokens=13"]))
 
 
+@pytest.mark.slow
 def test_two_processes_caption_like_one(resumed, tmp_path):
     args = caption_args(str(tmp_path), resumed["args"][3].split("=", 1)[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

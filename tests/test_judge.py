@@ -44,10 +44,33 @@ def test_answers_equal_the_lexical_judge(judge):
     pairs = [(CAPTION, EVENTS), ("A cat.", ["dog sleeps"]), ("Nothing.", [])]
     assert judge.entail(pairs) == lexical.entail(pairs) == [
         ["entailment", "entailment", "neutral"], ["neutral"], []]
-    assert judge.extract_events([CAPTION]) == lexical.extract_events([CAPTION])
-    assert judge.rate_cn([(CAPTION, "A man waves.")], max_score=5) == lexical.rate_cn(
-        [(CAPTION, "A man waves.")], max_score=5)
     assert judge.describe() == f"judge-test @ {judge.url}"
+
+
+def test_the_http_judge_decodes_what_the_server_answers(judge, judge_server):
+    """Replies a server wrote (not the lexical judge's), each decoded into the task's result; the question
+    carries the caption inside its tags."""
+    replies = {"extract_events": '{"events": [" the man waves ", "the dog barks", ""]}',
+               "rate_cn": 'Sure: {"completeness": 3, "naturalness": 5}'}
+    judge_server.reply = lambda prompt: next(r for task, r in replies.items() if f"task: {task}]" in prompt)
+    assert judge.extract_events([CAPTION]) == [["the man waves", "the dog barks"]]
+    assert f"<caption>\n{CAPTION}\n</caption>" in judge_server.seen[-1][1]
+    assert judge.rate_cn([(CAPTION, "A man waves.")], max_score=5) == [{"completeness": 3, "naturalness": 5}]
+    assert "<candidate>\nA man waves.\n</candidate>" in judge_server.seen[-1][1]
+    assert "integers from 0 to 5" in judge_server.seen[-1][1]
+
+
+def test_the_lexical_judge_worked_examples():
+    """extract_events: the caption's sentences (split at . ! ? ;); rate_cn: completeness = round(max * shared
+    content words / the reference's), naturalness = round(max * distinct words / words) of the candidate.
+    Reference content words {dog, run, cat, sleep, bird, sing}; the candidate has dog, run, cat, sleep
+    (4 of 6: round(3.33) = 3) in 7 words, 5 distinct (dog runs and cat sleeps: round(3.57) = 4)."""
+    lexical = LexicalJudge()
+    caption = "A bald man waves. A small dog barks at him! The man picks up a red cup."
+    assert lexical.extract_events([caption]) == [
+        ["A bald man waves", "A small dog barks at him", "The man picks up a red cup"]]
+    pair = ("A dog runs. A cat sleeps. A bird sings.", "A dog runs and a cat sleeps and sleeps.")
+    assert lexical.rate_cn([pair], max_score=5) == [{"completeness": 3, "naturalness": 4}]
 
 
 @pytest.mark.parametrize("mode", ["python", "fenced"])
@@ -61,6 +84,39 @@ def test_retries_500(judge, judge_server):
     judge_server.fail("500", "500")
     assert judge.extract_events([CAPTION])[0] is not None
     assert judge_server.requests == 3 and judge.stats["retries"] == 2
+
+
+class Sleeps:
+    """judge.py's `time`, but sleep() records each delay instead of waiting it."""
+
+    def __init__(self):
+        self.delays = []
+
+    def sleep(self, seconds):
+        self.delays.append(seconds)
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_backoff_doubles_up_to_max_backoff(judge_cfg, judge_server, monkeypatch):
+    """backoff 0.01 s, max_backoff 0.05 s, four 500s: waits of 0.01 * 2**attempt, capped."""
+    monkeypatch.setattr(judge_lib, "time", clock := Sleeps())
+    judge_server.fail("500", "500", "500", "500")
+    assert with_cfg(judge_cfg, retries=4).extract_events([CAPTION])[0] is not None
+    assert clock.delays == pytest.approx([0.01, 0.02, 0.04, 0.05])
+
+
+def test_retry_after_is_capped_by_max_backoff(judge_cfg, judge_server, monkeypatch):
+    """A 429 asking for 100 s waits max_backoff (0.05 s), one asking for 0 s waits 0 s."""
+    monkeypatch.setattr(judge_lib, "time", clock := Sleeps())
+    judge_server.retry_after = 100
+    judge_server.fail("429", "429")
+    assert with_cfg(judge_cfg).extract_events([CAPTION])[0] is not None
+    judge_server.retry_after = 0
+    judge_server.fail("429")
+    assert with_cfg(judge_cfg).extract_events(["Another caption."])[0] is not None
+    assert clock.delays == [0.05, 0.05, 0.0]
 
 
 def test_retry_after_is_honoured(judge, judge_server):
@@ -170,7 +226,8 @@ def test_requests_run_concurrently(judge_cfg, judge_server, concurrency):
         assert judge_server.max_in_flight == 1
     else:
         assert 1 < judge_server.max_in_flight <= 8
-    assert elapsed >= 16 * 0.05 if concurrency == 1 else elapsed < 16 * 0.05 / 2
+    # one at a time takes at least 16 x 0.05 s; 8 at once about 2 x 0.05 s, bounded with room by the former
+    assert elapsed >= 16 * 0.05 if concurrency == 1 else elapsed < 16 * 0.05, elapsed
 
 
 def test_health_check(judge_cfg, judge_server):

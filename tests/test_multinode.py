@@ -90,6 +90,7 @@ def test_the_data_position_carries_over_to_another_number_of_ranks():
                 assert before + after == order[:len(before + after)], (world, per_rank)
 
 
+@pytest.mark.slow
 def test_loading_from_rank0_equals_every_rank_reading_and_hsdp_equals_fsdp(tiny_model_dir, tmp_path):
     """On 4 ranks: the policy and the reference equal the old loading's in every parameter, buffer and
     log-prob, although rank 3 sees no model folder; check_shared names rank 3, which sees another ./shared;
@@ -108,10 +109,11 @@ def test_loading_from_rank0_equals_every_rank_reading_and_hsdp_equals_fsdp(tiny_
     assert found["check_shared"].startswith(f"rank 3 cannot see {tmp_path}/shared, where rank 0 keeps the "
                                             "checkpoints"), found["check_shared"]
     assert found["hsdp_moved"] > 1e-3                                     # the update did move the parameters
-    assert found["hsdp_max_diff"] < 1e-5
+    assert found["hsdp_max_diff"] < 3e-7                                  # measured 3e-8: float rounding
     assert found["loss_replicate=2"] == pytest.approx(found["loss_replicate=1"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_nodes_without_a_shared_disk_are_stopped_before_any_model_loads(tmp_path):
     nodes = [tmp_path / "node0", tmp_path / "node1"]
     for folder in nodes:
@@ -139,6 +141,7 @@ def two_node_run(tiny_model_dir, tmp_path_factory):
     return base, results
 
 
+@pytest.mark.slow
 def test_two_nodes_train_from_a_model_folder_only_rank0_sees(two_node_run):
     base, results = two_node_run
     for code, out, err in results:
@@ -150,6 +153,7 @@ def test_two_nodes_train_from_a_model_folder_only_rank0_sees(two_node_run):
     assert [json.loads(line)["step"] for line in open(base / "shared/metrics.jsonl")] == [1, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 3])
 def test_a_run_resumes_on_another_number_of_ranks(two_node_run, tmp_path, monkeypatch, capsys, world):
     """2 ranks -> 1 and 2 ranks -> 3: two more steps continue the global order where the two ranks left it."""

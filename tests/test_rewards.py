@@ -116,21 +116,28 @@ HOSTILE = {
 }
 
 
+def best_of_3(fn):
+    """The shortest of 3 timed calls of fn() in seconds: a busy machine delays some calls, not all three."""
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+# Each input parses in 15 ms or less (2 CPU cores); the bound of 1 s leaves room for a slow machine and still
+# catches backtracking, which is quadratic or worse in the input's length: minutes or more here.
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_inputs_are_fast(name):
     text = HOSTILE[name]
-    t = time.perf_counter()
-    p = parse_output(text)
-    assert time.perf_counter() - t < 0.5, name
-    assert isinstance(p, rewards.Parsed)
+    assert best_of_3(lambda: parse_output(text)) < 1.0, name
+    assert isinstance(parse_output(text), rewards.Parsed)
 
 
 def test_one_megabyte_mix_is_fast():
     text = ("<think>" * 100_000 + "{" * 200_000 + '"' * 200_000 + "</answer>" * 20_000)[:1 << 20]
-    t = time.perf_counter()
-    parse_output(text)
-    parse_output(out(text))
-    assert time.perf_counter() - t < 0.5
+    assert best_of_3(lambda: (parse_output(text), parse_output(out(text)))) < 1.0
 
 
 PIECES = st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "{", "}", "[", "]", '"', "'",

@@ -56,6 +56,7 @@ def test_resume_is_exact(tiny_model_dir, tmp_path):
     assert logged(tmp_path / "straight") == logged(tmp_path / "resumed")
 
 
+@pytest.mark.slow
 def test_the_export_is_a_model_for_grpo_and_evaluate(tiny_model_dir, tmp_path):
     path = tiny_model_dir("qwen2_5_vl")
     sft.train(sft_cfg(path, tmp_path / "sft", "sft.steps=1", "sft.target=caption"))
