@@ -44,6 +44,7 @@ import checkpoint
 import config as config_lib
 import data
 import judge as judge_lib
+import logs
 import model as model_lib
 import rewards
 import sft
@@ -478,7 +479,7 @@ def run(cfg, reward_fn, rank, world, device, mesh):
     if rank == 0:
         os.makedirs(t.out_dir, exist_ok=True)
         config_lib.save_config(shown, os.path.join(t.out_dir, "config.yaml"))
-    log = training.make_logger(t, config_lib.to_dict(shown), rank)
+    log = logs.make_logger(t, config_lib.to_dict(shown), rank)
 
     def save(step):
         extra = {"step": step, "nonfinite_run": nonfinite_run, "data": stream.state_dict(),
@@ -502,7 +503,7 @@ def run(cfg, reward_fn, rank, world, device, mesh):
                 raise training.StopRun(f"{nonfinite_run} steps in a row had a non-finite loss or gradient; "
                                        "lower train.lr or check the rewards in metrics.jsonl")
             metrics.update(lr=lr, bad_videos=stream.bad, epoch=stream.epoch,
-                           peak_mem_gb=training.peak_memory_gb(device))
+                           peak_mem_gb=logs.peak_memory_gb(device))
             judged.append(metrics["judge_failed_groups"])
             if judge_gone(judged, cfg.judge, t.steps - start):
                 log(metrics, step + 1)
@@ -517,7 +518,7 @@ def run(cfg, reward_fn, rank, world, device, mesh):
                 log(metrics, step + 1)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0):.4f}")
             if rank == 0:  # every step's first sample is kept; every sample_every-th is printed
-                training.append_jsonl(os.path.join(t.out_dir, "samples.jsonl"), {"step": step + 1, **sample})
+                logs.append_jsonl(os.path.join(t.out_dir, "samples.jsonl"), {"step": step + 1, **sample})
                 if t.sample_every and (step + 1) % t.sample_every == 0:
                     tqdm.write(f"[step {step + 1}] reward {sample['reward']:.3f}: {sample['text'][:300]!r}")
             training.end_of_step(step + 1, t, stop, save)
@@ -558,7 +559,7 @@ def summary(out, t):
     """What the run did, from its metrics.jsonl and samples.jsonl: each reward part's curve and its mean
     over the first and last quarter of the steps, how many steps updated the model, and the first and the
     last sample of one video side by side."""
-    lines = training.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    lines = logs.read_jsonl(os.path.join(out, "metrics.jsonl"))
     keys = dict.fromkeys(key for m in lines for key in m if key.startswith(("reward", "val_reward")))
     updated = sum(1 for m in lines if "loss" in m and m["nonfinite"] < t.num_iterations)
     note = ("" if updated else "\nno step had a group with unequal rewards, so none updated the model "
@@ -570,9 +571,9 @@ def summary(out, t):
             f"groups dropped from the loss: {dropped} of {groups:.0f}: {failed} because a judge call failed, "
             f"{dropped - failed} because all their rewards tied\n"
             "mean of the first and last quarter of the logged steps, and the curve over all of them:\n"
-            + "\n".join(training.curves(lines, keys)))
-    samples = training.read_jsonl(os.path.join(out, "samples.jsonl"))
-    text += "\n" + training.side_by_side(samples, "reward")
+            + "\n".join(logs.curves(lines, keys)))
+    samples = logs.read_jsonl(os.path.join(out, "samples.jsonl"))
+    text += "\n" + logs.side_by_side(samples, "reward")
     if lines:  # none when a run resumes at its last step with no log of its own
         text += f"\nlast peak memory {lines[-1]['peak_mem_gb']:.2f} GB"
     return (text + f"\nmetrics: {out}/metrics.jsonl, samples: {out}/samples.jsonl, "

@@ -24,6 +24,7 @@ import time
 
 import config as config_lib
 import evaluate
+import logs
 import grpo
 import sft
 import training
@@ -100,7 +101,7 @@ def run_arm(arm, seed, root, videos, extra, path):
                **{k: structure.get(k) for k in ("think", "format", "named")}}
     curve = []
     if kind == "grpo":
-        curve = [m["reward"] for m in training.read_jsonl(os.path.join(cfg.train.out_dir, "metrics.jsonl"))]
+        curve = [m["reward"] for m in logs.read_jsonl(os.path.join(cfg.train.out_dir, "metrics.jsonl"))]
     return {"arm": arm, "seed": seed, "seconds": time.perf_counter() - started, **figures, "curve": curve}
 
 

@@ -35,6 +35,7 @@ import checkpoint
 import config as config_lib
 import data
 import judge as judge_lib
+import logs
 import training
 from training import print0, reduce
 
@@ -166,7 +167,7 @@ def _run(cfg, rank, world, device, mesh):
     if rank == 0:
         os.makedirs(s.out_dir, exist_ok=True)
         config_lib.save_config(shown, os.path.join(s.out_dir, "config.yaml"))
-    log = training.make_logger(s, config_lib.to_dict(shown), rank)
+    log = logs.make_logger(s, config_lib.to_dict(shown), rank)
 
     def save(step):
         extra = {"step": step, "nonfinite_run": nonfinite_run, "data": stream.state_dict(),
@@ -190,7 +191,7 @@ def _run(cfg, rank, world, device, mesh):
             seconds = reduce([time.perf_counter() - t0], dist.ReduceOp.MAX)[0]
             metrics.update(lr=lr, tokens_s=metrics["tokens"] / seconds, time_step=seconds,
                            bad_videos=stream.bad, epoch=stream.epoch,
-                           peak_mem_gb=training.peak_memory_gb(device))
+                           peak_mem_gb=logs.peak_memory_gb(device))
             if s.eval_every and (step + 1) % s.eval_every == 0:
                 metrics["val_loss"] = heldout_loss(policy, heldout, tokenizer, cfg, device)
             if (step + 1) % s.log_every == 0:
@@ -206,10 +207,10 @@ def _run(cfg, rank, world, device, mesh):
 
 def summary(out, s):
     """The loss (and held-out loss) over the first and last quarter of the steps, with its curve."""
-    lines = training.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    lines = logs.read_jsonl(os.path.join(out, "metrics.jsonl"))
     return (f"done: {s.steps} SFT steps; mean of the first and last quarter of the logged steps, "
             "and the curve:\n"
-            + "\n".join(training.curves(lines, ("loss", "val_loss")))
+            + "\n".join(logs.curves(lines, ("loss", "val_loss")))
             + f"\nmetrics: {out}/metrics.jsonl, export: {out}/export")
 
 

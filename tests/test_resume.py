@@ -18,6 +18,7 @@ import pytest
 
 import checkpoint
 import config
+import logs
 from conftest import assert_resume_is_exact
 import grpo
 import model
@@ -44,7 +45,7 @@ def sft_cfg(model_dir, out_dir, *overrides):
 
 
 def logged(out_dir, name="metrics.jsonl"):
-    return training.read_jsonl(os.path.join(out_dir, name))
+    return logs.read_jsonl(os.path.join(out_dir, name))
 
 
 def stop_with_sigterm(command, out_dir):

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 import checkpoint
 import config
+import logs
 import model
 import training
 
@@ -205,14 +206,14 @@ def test_the_tiny_model_build_is_atomic(tmp_path, monkeypatch):
 
 
 def test_text_chart_and_side_by_side():
-    assert training.text_chart([0, 1, 2, 3]) == "▁▃▆█"
-    assert training.text_chart([1.0] * 3) == "▁▁▁"
-    assert len(training.text_chart(list(range(1000)), width=10)) == 10
+    assert logs.text_chart([0, 1, 2, 3]) == "▁▃▆█"
+    assert logs.text_chart([1.0] * 3) == "▁▁▁"
+    assert len(logs.text_chart(list(range(1000)), width=10)) == 10
     samples = [{"step": 1, "video": "a", "text": "first a", "reward": 0.1},
                {"step": 2, "video": "b", "text": "first b", "reward": 0.2},
                {"step": 9, "video": "a", "text": "last a", "reward": 2.5},
                {"step": 10, "video": "b", "text": "last b", "reward": 0.3}]
-    text = training.side_by_side(samples, "reward")
+    text = logs.side_by_side(samples, "reward")
     assert text.splitlines()[0] == "video a: its first and its last sample"
     assert "step 1, reward 0.100" in text and "step 9, reward 2.500" in text and "first a" in text
 
