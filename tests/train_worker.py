@@ -54,7 +54,7 @@ def letters_reward(model_dir):
 def per_video_sampling(generate):
     """model.generate, but each video of the batch on its own, without the batch's left padding, drawing from
     a generator seeded by a hash of its pixels: the completions depend on the video and the weights only."""
-    def one_by_one(hf_model, batch, group_size, *args, generator=None, sync=None):
+    def one_by_one(hf_model, batch, group_size, *args, generator=None, sync=None, on_end=None):
         rolls = []
         for b in range(batch["input_ids"].shape[0]):
             one = data.select_rows(batch, [b])
@@ -65,7 +65,10 @@ def per_video_sampling(generate):
             own = torch.Generator(device=batch["input_ids"].device).manual_seed(seed)
             rolls.append(generate(hf_model, one, group_size, *args, generator=own, sync=sync))
         parts = zip(*((r.ids, r.lengths, r.ended) for r in rolls))
-        return model.Rollout(*(torch.cat(part) for part in parts))
+        roll = model.Rollout(*(torch.cat(part) for part in parts))
+        if on_end is not None:  # every row has ended by now: the rewards start as generate's would at the end
+            on_end(roll, list(range(len(roll.lengths))))
+        return roll
     return one_by_one
 
 
