@@ -58,7 +58,8 @@ def figures(results):
     overall, structure = results["metrics"]["events"]["overall"], results["structure"]
     return {**{f"events {k} (%)": f"{100 * overall[k]:.1f}" for k in ("f1", "precision", "recall")},
             "<think>/<answer> format (%)": f"{100 * structure['format']:.1f}",
-            "Tscore (0-1)": f"{structure['think']:.3f}"}
+            "Tscore (0-1)": f"{structure['think']:.3f}",
+            "subjects named (%)": f"{100 * structure['named']:.1f}"}
 
 
 @pytest.mark.slow

@@ -215,16 +215,17 @@ def test_a_judge_gone_for_good_stops_the_run_quoting_its_last_error(tiny_model_d
     the judge's last error. (The completions are wrapped in the output format, as a warm-started model writes
     them, so that every one has an answer to judge.)"""
     decode = model.Tokens.decode
-    monkeypatch.setattr(model.Tokens, "decode", lambda self, roll: [
+    monkeypatch.setattr(model.Tokens, "decode", lambda self, roll, rows=None: [
         f'<think>{{"subjects": []}}</think><answer>A square {text[:20]}.</answer>'
-        for text in decode(self, roll)])
+        for text in decode(self, roll, rows)])
     judge_server.fail(*["400"] * 1000)
     cfg = grpo_cfg(tiny_model_dir("qwen2_vl"), tmp_path, "train.steps=10", f"judge.url={judge_server.url}",
                    f"judge.model={judge_server.model}", "judge.health_check=false", "judge.retries=0",
                    "judge.failed_window=2", "judge.max_failed_share=0.5")
     last = f"judge {judge_server.model} @ {judge_server.url} answered HTTP 400: "
     stop = (r"judging failed for 100% of the groups of the last 2 steps, .*"
-            rf"\(last judge error: {re.escape(last)}.*told to fail with 400.*\)\. "
+            rf"\(judge {re.escape(judge_server.url)}; last judge error: {re.escape(last)}"
+            r".*told to fail with 400.*\)\. "
             "A checkpoint is written at step 2")
     with pytest.raises(grpo.JudgeOutage, match=stop):
         grpo.train(cfg)

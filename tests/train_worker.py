@@ -35,6 +35,7 @@ import config  # noqa: E402
 import data  # noqa: E402
 import grpo  # noqa: E402
 import model  # noqa: E402
+import training  # noqa: E402
 
 PROMPT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
@@ -105,7 +106,10 @@ def main(mode, overrides):
     if os.environ.get("STATE_OUT"):
         checkpoint.resume = record_resumed_state(checkpoint.resume, os.environ["STATE_OUT"])
     reward_fn = letters_reward(cfg.model.path)
-    grpo.train(cfg, reward_fn=hang_at_step_2(reward_fn) if mode == "hang" else reward_fn)
+    try:
+        grpo.train(cfg, reward_fn=hang_at_step_2(reward_fn) if mode == "hang" else reward_fn)
+    except training.Stopped as e:  # SIGTERM: the step's checkpoint is written; exit as grpo.py does
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
