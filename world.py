@@ -421,9 +421,11 @@ USAGE = "usage: python world.py OUT_DIR [--seed N] [--train N] [--val N] [--test
 
 
 def main(argv):
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(USAGE + "\n\n" + __doc__)
-        return 0 if argv else 2
+        return 0
+    if not argv or argv[0].startswith("-"):
+        sys.exit(f"world.py: the output folder comes first; {USAGE}")
     out, rest, sizes, seed = argv[0], argv[1:], {"train": 300, "val": 40, "test": 60}, 0
     if len(rest) % 2:
         sys.exit(f"world.py: {rest[-1]} needs a value; {USAGE}")

@@ -140,3 +140,5 @@ def test_world_command_line(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["test", "train", "train.jsonl", "val", "val.jsonl"]
     with pytest.raises(SystemExit, match="unknown flag"):
         world.main([str(tmp_path), "--frames", "2"])
+    with pytest.raises(SystemExit, match="the output folder comes first"):
+        world.main(["--train", "2"])
