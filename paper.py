@@ -23,6 +23,7 @@ import sys
 import time
 
 import config as config_lib
+import data
 import evaluate
 import logs
 import grpo
@@ -90,9 +91,7 @@ def run_arm(arm, seed, root, videos, extra, path):
     kind = ARMS[arm][0]
     export = os.path.join(cfg.train.out_dir, "export")
     started = time.perf_counter()
-    if kind == "none":
-        build_base_model(cfg)
-    elif not os.path.isfile(os.path.join(export, "config.json")):
+    if kind != "none" and not os.path.isfile(os.path.join(export, "config.json")):
         shutil.rmtree(cfg.train.out_dir, ignore_errors=True)
         (sft.train if kind == "sft" else grpo.train)(cfg)
     results = evaluate.evaluate(cfg)
@@ -106,9 +105,11 @@ def run_arm(arm, seed, root, videos, extra, path):
 
 
 def build_base_model(cfg):
-    """The seed's tiny random model, built as grpo.py builds it (the base arm trains nothing)."""
-    import data  # noqa: PLC0415 - the base arm only
-    with training.process_group("paper.py", 600.0) as _:
+    """The seed's tiny random model, which every arm starts from, built once before any arm as grpo.py
+    builds it (its tokenizer learned from the think prompt and the reference outputs): were the first arm
+    to build it, an SFT-on-captions arm would teach the tokenizer another prompt, and the seed's model would
+    depend on which arms were asked for."""
+    with training.process_group("paper.py", 600.0):
         with open(cfg.data.prompt_file) as f:
             instruction = f.read().strip()
         texts = data.tokenizer_texts(data.load_records(cfg.data.train), instruction)
@@ -199,6 +200,7 @@ def main(argv=None):
     arms += ["cold_start"] * bool(grpo_arms or "cold_start" in a.arms) + grpo_arms  # GRPO starts from it
     rows = []
     for seed in a.seeds:
+        build_base_model(arm_config("base", seed, a.out, videos, extra, a.config))
         for arm in arms:
             rows.append(run_arm(arm, seed, a.out, videos, extra, a.config))
             print(f"[seed {seed}] {arm}: event F1 {rows[-1]['f1']}, {rows[-1]['seconds']:.0f} s", flush=True)
