@@ -163,8 +163,7 @@ def process_group(program, timeout, replicate=1):
         raise
     finally:
         _restore_signals(previous)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_distributed()
 
 # ----------------------------------------------------------------------------- distributed
 
@@ -189,6 +188,15 @@ def init_distributed(timeout=1800.0, replicate=1):
         device = torch.device("cpu")
         dist.init_process_group("gloo", **kw)
     return dist.get_rank(), dist.get_world_size(), device, device_mesh(device.type, replicate)
+
+
+def end_distributed():
+    """Leave the process group, every rank together. Without the barrier a rank can tear down its gloo
+    connections while another is still closing its own, and the other then aborts at exit ("terminate called
+    without an active exception"; 4 of 70 two-rank runs here, 0 of 70 with the barrier)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def device_mesh(device_type, replicate=1):

@@ -40,7 +40,7 @@ def main(model_dir, out_path, agg, checkpointing, replicate, shared):
     acc, params = update_once(cfg, device, mesh, rank, world)
     if rank == 0:
         torch.save({"loss": acc["loss"], "grad_norm": acc["grad_norm"], "params": params}, out_path)
-    torch.distributed.destroy_process_group()
+    training.end_distributed()
 
 
 def update_once(cfg, device, mesh, rank, world):

@@ -81,7 +81,7 @@ def load(model_dir, out_path):
         found["hsdp_moved"] = max((params[1][k] - v).abs().max().item() for k, v in params[0].items())
         with open(out_path, "w") as f:
             json.dump(found, f)
-    dist.destroy_process_group()
+    training.end_distributed()
 
 
 def recording_reward(texts, records, roll):

@@ -147,7 +147,7 @@ mine = rewards[rank::world]                                            # rank r 
 judged = torch.isfinite(mine).all(dim=1)
 adv = grpo.group_advantages(torch.nan_to_num(mine), "batch", 1e-4, grpo.batch_std(mine, judged))
 torch.save({"rank": rank, "adv": adv, "judged": judged}, sys.argv[1] + f".{rank}")
-dist.destroy_process_group()
+training.end_distributed()
 """
 
 

@@ -13,7 +13,6 @@ import weakref
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import checkpoint
 import config
@@ -28,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def world_of_one():
     rank, world, device, mesh = training.init_distributed()
     yield mesh
-    dist.destroy_process_group()
+    training.end_distributed()
 
 
 def tiny_policy(path, mesh, lr=0.1):
