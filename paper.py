@@ -3,9 +3,9 @@ SFT on captions, SFT on think + caption, GRPO from that cold start) and Table 3 
 Escore's delta step, a loss variant), each arm on several seeds, scored on the world's held-out test split
 through evaluate.py's DREAM-1K metric with the world judge.
 
-    python paper.py                      # every arm, seeds 0 1 2:
-    runs/paper/{results.md,results.json,curves.svg} python paper.py --seeds 0 --arms grpo cold_start --videos
-    96 python paper.py --toy                # a few videos and steps: the runner checked, not the method
+    python paper.py            # every arm, seeds 0 1 2: runs/paper/{results.md,results.json,curves.svg}
+    python paper.py --seeds 0 --arms grpo cold_start --videos 96
+    python paper.py --toy      # a few videos and steps: the runner checked, not the method
 
 Equal budget: every trained arm sees the same number of training videos (--videos). An SFT arm takes them
 all in supervised steps. The GRPO arms split them: the first half trains their shared cold start (SFT on

@@ -12,8 +12,8 @@ turns another colour. Its ground truth, from the same source as its pixels:
             ..."), so that content, not one template, is what a reward can pay for;
   subjects  [{"name": "red square", "attributes": ["small", "red", "on the left"], "actions": [...]}]: Tscore;
   events    ["The red square moves to the right.", ...], in time order: Escore and DREAM-1K's metric.
-The splits: train (training JSONL), val (training JSONL, for tuning) and test (the official DREAM-1K
-layout). No (colour, action) pair of HELD_OUT occurs in train or val, and every test clip has one: the
+The splits: train (training JSONL), val (for tuning: training JSONL, and the official DREAM-1K layout for
+evaluate.py) and test (the official DREAM-1K layout). No (colour, action) pair of HELD_OUT occurs in train or val, and every test clip has one: the
 test split asks for combinations never trained on. Everything is deterministic from the seed.
 
 The clips are 112x112 at 8 fps: at data.max_pixels 12544 a frame is 8x8 patches, 4x4 visual tokens after
@@ -395,26 +395,28 @@ SPLITS = {"train": "never", "val": "never", "test": "only"}
 
 
 def write(out, sizes, seed):
-    """The splits under out/: <split>/*.mp4, train.jsonl and val.jsonl (training records), test/DREAM-1k.jsonl
-    (the official layout); the split's seed is derived from `seed` and its name."""
+    """The splits under out/: <split>/*.mp4, train.jsonl and val.jsonl (training records), val/DREAM-1k.jsonl
+    and test/DREAM-1k.jsonl (the official layout: what evaluate.py scores, val for tuning); the split's seed
+    is derived from `seed` and its name."""
     for k, (split, held_out) in enumerate(SPLITS.items()):
         folder = os.path.join(out, split)
         os.makedirs(folder, exist_ok=True)
-        lines = []
+        lines, dream = [], []
         clips = make_split(sizes[split], seed * 10 + k, held_out)
         for i, (subjects, caption, truth, events) in enumerate(clips):
-            name = f"{i + 1}.mp4" if split == "test" else f"{split}_{i:04d}.mp4"
+            # DREAM-1K's layout names a clip by its integer vid
+            name = f"{split}_{i:04d}.mp4" if split == "train" else f"{i + 1}.mp4"
             write_mp4(os.path.join(folder, name), render(subjects))
-            seconds = SLOT * len(subjects)
-            if split == "test":
-                lines.append(dream1k_record(i + 1, name, caption, truth, events, seconds))
-            else:
-                lines.append({"id": name[:-4], "video": f"{split}/{name}", "caption": caption,
-                              "subjects": truth, "events": events})
-        target = os.path.join(folder if split == "test" else out,
-                              "DREAM-1k.jsonl" if split == "test" else f"{split}.jsonl")
-        with open(target, "w") as f:
-            f.writelines(json.dumps(line) + "\n" for line in lines)
+            dream.append(dream1k_record(i + 1, name, caption, truth, events, SLOT * len(subjects)))
+            lines.append({"id": f"{split}_{i:04d}", "video": f"{split}/{name}", "caption": caption,
+                          "subjects": truth, "events": events})
+        # every split but test is also training JSONL; val and test are also scored like DREAM-1K
+        written = {os.path.join(folder, "DREAM-1k.jsonl"): dream} if split != "train" else {}
+        if split != "test":
+            written[os.path.join(out, f"{split}.jsonl")] = lines
+        for target, rows in written.items():
+            with open(target, "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 USAGE = "usage: python world.py OUT_DIR [--seed N] [--train N] [--val N] [--test N]"

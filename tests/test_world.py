@@ -27,7 +27,8 @@ def test_the_same_seed_gives_the_same_bytes(tmp_path):
     world.write(str(tmp_path / "b"), SIZES, seed=3)
     world.write(str(tmp_path / "c"), SIZES, seed=4)
     a, b, c = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
-    assert len(a) == 4 + 2 + 3 + 3 and a == b  # clips, train.jsonl, val.jsonl, test/DREAM-1k.jsonl
+    # clips, train.jsonl, val.jsonl, val/DREAM-1k.jsonl, test/DREAM-1k.jsonl
+    assert len(a) == 4 + 2 + 3 + 4 and a == b
     assert a["train.jsonl"] != c["train.jsonl"]
 
 
@@ -59,6 +60,11 @@ def test_the_shipped_splits_keep_the_rule_and_read_as_videos():
         test = [json.loads(line) for line in f]
     assert len(test) >= 40 and all(isinstance(t["vid"], int) for t in test)
     assert all(set(kinds(t["extra_info"]["subjects"])) & world.HELD_OUT for t in test)
+    # val is also in the official layout, for tuning through evaluate.py: the same clips and captions
+    with open(os.path.join(SHIPPED, "val", "DREAM-1k.jsonl")) as f:
+        val_dream = [json.loads(line) for line in f]
+    assert [(os.path.join(SHIPPED, "val", f"{t['vid']}.mp4"), t["messages"][1]["content"][0]["reference"],
+             t["extra_info"]["events"]) for t in val_dream] == [(r.video, r.caption, r.events) for r in val]
     frames, fps = data.read_video(train[0].video, config.DataConfig(max_pixels=12544))
     # 2 s a subject sampled at data.fps = 2, frames kept at 112 x 112 (8 x 8 patches of 14)
     assert frames.shape[0] == 4 * len(train[0].subjects) and frames.shape[-2:] == (112, 112) and fps == 2.0
