@@ -13,8 +13,9 @@ turns another colour. Its ground truth, from the same source as its pixels:
   subjects  [{"name": "red square", "attributes": ["small", "red", "on the left"], "actions": [...]}]: Tscore;
   events    ["The red square moves to the right.", ...], in time order: Escore and DREAM-1K's metric.
 The splits: train (training JSONL), val (for tuning: training JSONL, and the official DREAM-1K layout for
-evaluate.py) and test (the official DREAM-1K layout). No (colour, action) pair of HELD_OUT occurs in train or val, and every test clip has one: the
-test split asks for combinations never trained on. Everything is deterministic from the seed.
+evaluate.py) and test (the official DREAM-1K layout). No (colour, action) pair of HELD_OUT occurs in train
+or val, and every test clip has one: the test split asks for combinations never trained on. Everything is
+deterministic from the seed.
 
 The clips are 112x112 at 8 fps: at data.max_pixels 12544 a frame is 8x8 patches, 4x4 visual tokens after
 Qwen's 2x2 merge, and a shape spans one token or more.
