@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 
@@ -119,11 +120,11 @@ def build_base_model(cfg):
 
 
 def mean_std(values):
+    """The mean and the sample std (n - 1) of the values that are numbers; std 0 for one, None for none."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return None, None
-    m = sum(values) / len(values)
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def table(rows, arms, title):
