@@ -421,15 +421,23 @@ class PendingRewards:
     asked: dict = field(default_factory=dict)    # question key -> Future of the judge's result
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_reply: float | None = None              # time.perf_counter() of the batch's last judge reply
+    prefetched: object = None                    # Future of the references' extraction (start_rewards)
 
 
 def start_rewards(records, cfg, judge):
     """The rewards of a batch whose len(records) completions end one at a time: hand each to row_ended as
     it ends, then collect_rewards gives what compute_rewards gives for the same outputs, bit for bit: the
     same questions (equal ones asked once), retries and re-asks (the judge's own), failures as NaN. A
-    completion's questions go out when it ends, on threads of this batch, while the others decode."""
-    pool = ThreadPoolExecutor(max(len(records), 1), thread_name_prefix="reward")
-    return PendingRewards(records, cfg, judge, pool)
+    completion's questions go out when it ends, on threads of this batch, while the others decode. The
+    references' events to extract (every row asks for its reference's) go out now, before any row ends: they
+    do not depend on the completions, and the first rows to end would otherwise wait a judge latency for
+    them before asking their own questions."""
+    references = list(dict.fromkeys(r.caption for r in records if r.events is None))
+    references = references if _weights(cfg)["event"] else []
+    pool = ThreadPoolExecutor(max(len(records) + len(references), 1), thread_name_prefix="reward")
+    pending = PendingRewards(records, cfg, judge, pool)
+    pending.prefetched = pool.submit(_ask_once, pending, [("extract", text) for text in references])
+    return pending
 
 
 def row_ended(pending, i, text):

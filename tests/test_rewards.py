@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import threading
 import time
 from types import SimpleNamespace
 
@@ -447,6 +448,31 @@ def test_rewards_as_rows_end_equal_the_batch_bit_for_bit(cfg, seed):
     assert json.dumps(stats, sort_keys=True) == json.dumps(want[2], sort_keys=True)  # NaN == NaN here
     # the batch's questions, each asked once (the batch asks a question shared by two rows twice)
     assert len(judge.asked) == len(set(judge.asked)) and set(judge.asked) == set(want_judge.asked)
+
+
+def test_the_references_events_are_asked_before_any_row_ends():
+    """The references' extraction depends on no completion: start_rewards sends it at once, so the first rows
+    to end ask their own questions without waiting for it; it is asked once, as in the batch."""
+    class Recording(judge_lib.LexicalJudge):
+        def __init__(self):
+            super().__init__()
+            self.asked, self.first = [], threading.Event()
+
+        def ask(self, tasks):
+            self.asked.append([t.name for t in tasks])
+            self.first.set()
+            return super().ask(tasks)
+    records = [record(events=None, caption=f"A bald man waves. Dog {k % 2} barks.") for k in range(4)]
+    judge = Recording()
+    pending = rewards.start_rewards(records, RewardConfig(), judge)
+    assert judge.first.wait(10)
+    assert judge.asked[0] == ["extract_events", "extract_events"]  # the two references, no row ended yet
+    for i in range(4):
+        rewards.row_ended(pending, i, MIXED[0])
+    got = rewards.collect_rewards(pending)
+    want = compute_rewards([MIXED[0]] * 4, records, RewardConfig(), SlowJudge(0))
+    assert torch.equal(got[0], want[0])
+    assert sum(name == "extract_events" for asked in judge.asked for name in asked) == 2
 
 
 def test_a_judge_failing_mid_batch_is_counted_as_in_the_batch():
