@@ -4,7 +4,7 @@ host memory at start-up, and whether the demo learns: each measured in one proce
     python bench.py            # CPU figures; GPU figures too when CUDA is there
     python bench.py --quick    # small shapes: what tests/test_bench.py runs
     python bench.py --load     # section 5 alone: host memory at start-up under torchrun, 1, 2 and 4 ranks
-    python bench.py --demo     # section 6 alone: does `python grpo.py demo.yaml` learn, on seeds 0, 1 and 2?
+    python bench.py --demo     # section 6 alone: does the demo learn, on seeds 0-4, and on its held-out test?
 
 (How long each takes, and the figures measured so far: README.md's Performance section and
 docs/benchmarks.md.)
@@ -46,10 +46,12 @@ docs/benchmarks.md.)
    tokens, G = 8, completions of at most 256 tokens, with a loopback judge server (tests/judge_server.py)
    answering each request after 1 s, 4 at once, and with the lexical judge: seconds per phase, total, the
    judge's last reply after the last token, peak memory.
-6. The demo (--demo): `python grpo.py demo.yaml seed=S` from nothing (tiny model built, warm start, GRPO)
-   for S = 0, 1, 2, each in its own folder: wall time, the mean total reward (0..3) and format score over
-   the first and last quarter of the GRPO steps (from metrics.jsonl, demo_learning), against the demo's
-   targets: a rise of at least 0.3, a final format score above 0.5, under 3 minutes on 2 CPU cores.
+6. The demo (--demo): `python grpo.py demo.yaml seed=S`, then `python evaluate.py demo.yaml`, from
+   nothing (tiny model built, warm start, GRPO, both models scored on the world's held-out test) for
+   S = 0..4, each in its own folder: the wall time of each command, the mean reward (0..3) and its parts
+   over the first and last quarter of the GRPO steps (from metrics.jsonl, demo_learning), and the held-out
+   event F1 and subjects named before and after GRPO (demo_held_out), against the demo's targets: a rise of
+   at least 0.3 with Tscore or Escore rising too, under 3 minutes on 2 CPU cores.
 
 The rollout prompts use grids whose frame count is at most their merged side: there transformers' own
 M-RoPE positions for the text after the video (which ignore the temporal axis, see model.rope_positions)
@@ -704,49 +706,78 @@ def print_training(rows, G, completion, label):
                   f"{p['logp_diff']:>10.1e} " + grad_diff)
 
 
+DEMO_PARTS = {"reward": "reward", "format": "reward_format", "think": "reward_think", "event": "reward_event"}
+
+
 def demo_learning(metrics_path):
-    """The demo's learning figures from a run's metrics.jsonl: the mean of reward (0..3) and of
-    reward_format over the first and the last quarter of the logged steps, and the rise of the reward
-    between them."""
+    """The demo's learning figures from a run's metrics.jsonl: the mean of the reward (0..3) and of its
+    parts (format, Tscore, Escore) over the first and the last quarter of the logged steps, and the rise
+    of the reward between them."""
     with open(metrics_path) as f:
         lines = [json.loads(line) for line in f if line.strip()]
     k = max(1, len(lines) // 4)
 
     def mean(key, part):
         return sum(m[key] for m in part) / len(part)
-    first, last = mean("reward", lines[:k]), mean("reward", lines[-k:])
-    return {"steps": len(lines), "reward_first": first, "reward_last": last, "rise": last - first,
-            "format_first": mean("reward_format", lines[:k]),
-            "format_last": mean("reward_format", lines[-k:])}
+    figures = {"steps": len(lines)}
+    for name, key in DEMO_PARTS.items():
+        if key in lines[0]:
+            figures[f"{name}_first"], figures[f"{name}_last"] = mean(key, lines[:k]), mean(key, lines[-k:])
+    return {**figures, "rise": figures["reward_last"] - figures["reward_first"]}
 
 
-def bench_demo(seeds=(0, 1, 2), root="runs/bench-demo"):
-    """Section 6: the demo from nothing on each seed -> rows of demo_learning figures and the wall time."""
+def demo_held_out(eval_dir):
+    """Event F1 and the share of subjects named (colour and shape), before (eval_dir/baseline, the warm
+    start) and after GRPO (eval_dir), from the results.json files `python evaluate.py demo.yaml` writes."""
+    figures = {}
+    for when, folder in (("before", os.path.join(eval_dir, "baseline")), ("after", eval_dir)):
+        with open(os.path.join(folder, "results.json")) as f:
+            results = json.load(f)
+        figures[f"f1_{when}"] = results["metrics"]["events"]["overall"]["f1"]
+        figures[f"named_{when}"] = results["structure"]["named"]
+    return figures
+
+
+def bench_demo(seeds=(0, 1, 2, 3, 4), root="runs/bench-demo"):
+    """Section 6: the demo's two commands from nothing on each seed -> rows of the wall time of each, the
+    demo_learning figures and the demo_held_out ones."""
     rows = []
     for seed in seeds:
         out = os.path.join(root, f"seed{seed}")
         shutil.rmtree(out, ignore_errors=True)
-        start = time.perf_counter()
-        command = [sys.executable, "grpo.py", "demo.yaml", f"seed={seed}", f"train.out_dir={out}",
-                   f"sft.out_dir={out}/sft", f"model.path={out}/tiny"]
-        proc = subprocess.run(command, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"the demo failed on seed {seed}:\n{proc.stderr[-3000:]}")
-        rows.append({"seed": seed, "seconds": time.perf_counter() - start,
-                     **demo_learning(os.path.join(out, "metrics.jsonl"))})
+        paths = [f"seed={seed}", f"train.out_dir={out}", f"sft.out_dir={out}/sft", f"model.path={out}/tiny",
+                 f"eval.model={out}/export", f"eval.baseline={out}/sft/export", f"eval.out_dir={out}/eval"]
+        row = {"seed": seed}
+        for program in ("grpo", "evaluate"):
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, f"{program}.py", "demo.yaml", *paths],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"{program}.py demo.yaml failed on seed {seed}:\n{proc.stderr[-3000:]}")
+            row[f"{program}_s"] = time.perf_counter() - start
+        rows.append({**row, **demo_learning(os.path.join(out, "metrics.jsonl")),
+                     **demo_held_out(os.path.join(out, "eval"))})
     return rows
 
 
 def print_demo(rows):
-    print("\nThe demo, `python grpo.py demo.yaml seed=S` from nothing (build, warm start, GRPO); "
-          "reward 0..3, means over the first and last quarter of the GRPO steps")
-    print(f"{'seed':>4} {'wall s':>7} {'reward first':>13} {'reward last':>12} {'rise':>6} "
-          f"{'format first':>13} {'format last':>12}  targets: rise >= 0.3, format > 0.5, under 180 s")
+    print("\nThe demo, `python grpo.py demo.yaml seed=S && python evaluate.py demo.yaml` from nothing (build, "
+          "warm start, GRPO, both models on the held-out test); reward 0..3 and its parts, means over the "
+          "first and last quarter of the GRPO steps; held-out: event F1 and subjects named, warm start -> "
+          "GRPO. Targets: a rise of at least 0.3 with Tscore or Escore rising, under 180 s in all")
+    print(f"{'seed':>4} {'grpo s':>7} {'eval s':>7} {'reward':>13} {'rise':>6} {'format':>11} "
+          f"{'Tscore':>11} {'Escore':>11} {'held-out F1 %':>14} {'named %':>12}")
     for r in rows:
-        ok = r["rise"] >= 0.3 and r["format_last"] > 0.5 and r["seconds"] < 180
-        print(f"{r['seed']:>4} {r['seconds']:>7.0f} {r['reward_first']:>13.3f} {r['reward_last']:>12.3f} "
-              f"{r['rise']:>6.3f} {r['format_first']:>13.2f} {r['format_last']:>12.2f}  "
-              f"{'met' if ok else 'MISSED'}")
+        ok = (r["rise"] >= 0.3 and (r["think_last"] > r["think_first"] or r["event_last"] > r["event_first"])
+              and r["grpo_s"] + r["evaluate_s"] < 180)
+        def pair(name):
+            return f"{r[name + '_first']:.2f}->{r[name + '_last']:.2f}"
+
+        def held(name):
+            return f"{100 * r[name + '_before']:.1f}->{100 * r[name + '_after']:.1f}"
+        print(f"{r['seed']:>4} {r['grpo_s']:>7.0f} {r['evaluate_s']:>7.0f} {pair('reward'):>13} "
+              f"{r['rise']:>+6.3f} {pair('format'):>11} {pair('think'):>11} {pair('event'):>11} "
+              f"{held('f1'):>14} {held('named'):>12}  {'met' if ok else 'MISSED'}")
 
 
 class Sizes(NamedTuple):
@@ -772,7 +803,7 @@ def main(argv=None):
     ap.add_argument("--load-worker", nargs=3, help=argparse.SUPPRESS)  # FOLDER WAY OUT, one rank of --load
     ap.add_argument("--step", action="store_true", help="section 7 alone: the whole GRPO step")
     ap.add_argument("--demo", action="store_true",
-                    help="section 6 alone: the demo's learning on seeds 0, 1, 2")
+                    help="section 6 alone: the demo's learning on seeds 0-4")
     args = ap.parse_args(argv)
     if args.demo:
         return print_demo(bench_demo())

@@ -45,7 +45,7 @@ def main(model_dir, out_dir, delays, *overrides):
     delay = float(delays.split(",")[rank])
     judge_lib.make_judge = lambda cfg, feedback=True: SlowJudge(delay, rank)
     model.Tokens.decode = in_layout(model.Tokens.decode)
-    cfg = config.load_config(f"{ROOT}/demo.yaml", [
+    cfg = config.load_config(f"{ROOT}/tests/tiny.yaml", [
         f"model.path={model_dir}", f"train.out_dir={out_dir}", "train.warm_start=false",
         f"data.train={ROOT}/tests/data/train.jsonl", f"data.prompt_file={ROOT}/prompts/think.txt",
         "train.steps=2", "sampling.group_size=4", "sampling.max_new_tokens=12", "train.prompts_per_rank=2",

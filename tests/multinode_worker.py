@@ -10,7 +10,7 @@ log-probs of a forward; rank 3 sees no model folder and still loads; check_share
 update over a 2x2 HSDP mesh gives the parameters a 1x4 FSDP mesh gives. Rank 0 writes what it found to
 OUT.json.
 
-`grpo`: grpo.train on demo.yaml with `recording_reward`, which appends each rank's videos of each step to
+`grpo`: grpo.train on tests/tiny.yaml with `recording_reward`, which appends each rank's videos of each step to
 train.out_dir/videos-world<W>-rank<R>.jsonl, so that a test can tell which videos were consumed.
 """
 import json
@@ -95,7 +95,7 @@ def recording_reward(texts, records, roll):
 
 
 def run_grpo(overrides):
-    cfg = config.load_config(os.path.join(ROOT, "demo.yaml"), overrides)
+    cfg = config.load_config(os.path.join(ROOT, "tests", "tiny.yaml"), overrides)
     os.environ["RECORD_DIR"] = os.path.abspath(cfg.train.out_dir)
     os.makedirs(os.environ["RECORD_DIR"], exist_ok=True)
     return grpo.train(cfg, reward_fn=recording_reward)

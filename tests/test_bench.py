@@ -97,14 +97,30 @@ def test_the_reference_dtype_section_runs_on_cpu():
 
 
 def test_demo_learning_figures_from_metrics(tmp_path):
-    """bench.py --demo's figures: quarter means of reward and reward_format, worked out by hand."""
+    """bench.py --demo's figures: quarter means of the reward and its parts, worked out by hand."""
     rewards = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6]           # 8 steps: quarters of 2
     formats = [0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0]
+    thinks = [0.1, 0.3, 0.2, 0.2, 0.2, 0.2, 0.4, 0.2]
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": k + 1, "reward": r, "reward_format": f}) + "\n"
-                            for k, (r, f) in enumerate(zip(rewards, formats))))
+    path.write_text("".join(json.dumps({"step": k + 1, "reward": r, "reward_format": f, "reward_think": t,
+                                        "reward_event": 0.5}) + "\n"
+                            for k, (r, f, t) in enumerate(zip(rewards, formats, thinks))))
     figures = bench.demo_learning(path)
     assert figures["steps"] == 8
     assert figures["reward_first"] == pytest.approx(0.3) and figures["reward_last"] == pytest.approx(1.5)
     assert figures["rise"] == pytest.approx(1.2)
     assert figures["format_first"] == pytest.approx(0.25) and figures["format_last"] == pytest.approx(1.0)
+    assert figures["think_first"] == pytest.approx(0.2) and figures["think_last"] == pytest.approx(0.3)
+    assert figures["event_first"] == figures["event_last"] == 0.5
+
+
+def test_demo_held_out_figures_from_the_results(tmp_path):
+    """The held-out figures come from the two results.json files evaluate.py writes: the baseline's (the
+    warm start) in eval_dir/baseline, GRPO's in eval_dir."""
+    for folder, f1, named in ((tmp_path / "baseline", 0.25, 0.5), (tmp_path, 0.4, 0.625)):
+        folder.mkdir(exist_ok=True)
+        (folder / "results.json").write_text(json.dumps({
+            "metrics": {"events": {"overall": {"f1": f1, "precision": 0.0, "recall": 0.0}}},
+            "structure": {"named": named, "format": 1.0}}))
+    assert bench.demo_held_out(str(tmp_path)) == {"f1_before": 0.25, "named_before": 0.5,
+                                                  "f1_after": 0.4, "named_after": 0.625}

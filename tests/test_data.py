@@ -505,7 +505,7 @@ def test_grpo_stops_at_load_on_a_record_without_subjects(tmp_path):
     clip = {"video": str(CLIPS / "red_square_right.mp4"), "caption": "A red square moves.", "subjects": None}
     # enough for a step: the old code crashed in it, naming no record
     path = write_jsonl(tmp_path, [clip, clip])
-    cfg = load_config(str(CLIPS.parent.parent / "demo.yaml"),
+    cfg = load_config(str(CLIPS.parent / "tiny.yaml"),
                       [f"data.train={path}", f"model.path={tmp_path / 'm'}",
                        f"train.out_dir={tmp_path / 'run'}", "train.warm_start=false"])
     with pytest.raises(DataError, match=re.escape(f"{path}:1: no 'subjects'")):

@@ -1,6 +1,6 @@
-"""The demo's closing step: `python evaluate.py demo.yaml` scores the warm-start model and the GRPO model on
-the held-out clips (the official DREAM-1K layout, integer vids) and prints them side by side; the shipped
-held-out data is what make_clips.py writes."""
+"""evaluate.py's before/after table, the demo's closing step: with eval.baseline it scores the warm-start
+model and the GRPO model on the held-out clips (the official DREAM-1K layout, integer vids) and prints them
+side by side. Here on the tests' 4 held-out clips (tests/tiny.yaml, what make_clips.py writes)."""
 import json
 import os
 import subprocess
@@ -19,7 +19,7 @@ HELD_OUT = os.path.join(ROOT, "tests", "data", "heldout")
 
 
 def test_the_held_out_clips_load_as_dream1k_with_subjects():
-    cfg = config.load_config(os.path.join(ROOT, "demo.yaml"))
+    cfg = config.load_config(os.path.join(ROOT, "tests", "tiny.yaml"))
     items = benchmarks.load_items(cfg)
     val = [json.loads(line) for line in open(os.path.join(HELD_OUT, "val.jsonl"))]
     assert [it.id for it in items] == ["1", "2", "3", "4"]  # integer vids in the file, as the official one
@@ -28,6 +28,17 @@ def test_the_held_out_clips_load_as_dream1k_with_subjects():
         assert it.group == "shapes" and it.reference == record["caption"]
         assert it.events == record["events"] and it.subjects == record["subjects"]
         assert it.video.endswith(f"{it.id}.mp4") and record["video"] == f"{it.id}.mp4"
+
+
+def test_the_demo_runs_on_the_world_and_ends_on_its_held_out_test():
+    """demo.yaml: trained on data/world's train split with the world judge, compared on its 60 test clips,
+    the official DREAM-1K layout, whose every clip holds a colour-action pair never trained on."""
+    cfg = config.load_config(os.path.join(ROOT, "demo.yaml"))
+    config.check_program(cfg, "grpo.py")
+    assert (cfg.judge.url, cfg.data.train, cfg.train.warm_start) == ("world", "data/world/train.jsonl", True)
+    items = benchmarks.load_items(cfg)
+    assert len(items) == 60 and all(os.path.isfile(os.path.join(ROOT, it.video)) for it in items)
+    assert all(it.subjects and it.events for it in items)  # test_world checks the pairs never trained on
 
 
 def test_structure_scores_worked_example():
@@ -67,7 +78,7 @@ def test_evaluate_demo_prints_before_and_after(tiny_model_dir, tmp_path):
     """Two different models caption the held-out clips: the baseline's captions and figures go to baseline/,
     the model's to eval.out_dir, and the table holds each one's figures."""
     before_model, after_model = tiny_model_dir("qwen2_5_vl"), tiny_model_dir("qwen2_vl")
-    proc = subprocess.run([sys.executable, "evaluate.py", "demo.yaml", f"eval.model={after_model}",
+    proc = subprocess.run([sys.executable, "evaluate.py", "tests/tiny.yaml", f"eval.model={after_model}",
                            f"eval.baseline={before_model}", f"eval.out_dir={tmp_path}",
                            "eval.max_new_tokens=16"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -94,7 +105,7 @@ def test_the_before_and_after_table_worked_example(tmp_path):
         folder.mkdir(exist_ok=True)
         (folder / "predictions.jsonl").write_text("".join(
             json.dumps({"id": str(k), "output": output(r)}) + "\n" for k, r in enumerate(records, 1)))
-    proc = subprocess.run([sys.executable, "evaluate.py", "demo.yaml", "eval.score_only=true",
+    proc = subprocess.run([sys.executable, "evaluate.py", "tests/tiny.yaml", "eval.score_only=true",
                            "eval.model=after", "eval.baseline=before", f"eval.out_dir={tmp_path}"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

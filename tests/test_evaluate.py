@@ -1005,12 +1005,12 @@ def test_a_group_with_p_and_r_zero_has_f1_zero_where_the_official_gives_nan():
 
 @pytest.fixture(scope="module")
 def demo_folder(tmp_path_factory):
-    """The demo's tiny model (demo.yaml's model: and data: sections, BPE from the shipped texts), built as
+    """The demo's tiny model (tests/tiny.yaml's model: and data: sections, BPE from the shipped texts), built as
     grpo.py builds it; its export copies these files (checkpoint.export_hf)."""
     import data
     import model
     folder = tmp_path_factory.mktemp("demo")
-    cfg = load_config(os.path.join(REPO, "demo.yaml"), [f"model.path={folder / 'tiny'}"])
+    cfg = load_config(os.path.join(REPO, "tests", "tiny.yaml"), [f"model.path={folder / 'tiny'}"])
     records = data.load_records(os.path.join(REPO, cfg.data.train))
     instruction = open(os.path.join(REPO, cfg.data.prompt_file)).read().strip()
     model.build_configured(cfg.model, cfg.data, cfg.seed, data.tokenizer_texts(records, instruction))
@@ -1042,10 +1042,10 @@ def test_the_tiny_model_folder_is_complete(demo_folder):
 
 @pytest.fixture(scope="module")
 def demo_caption(demo_folder, tmp_path_factory):
-    """python evaluate.py demo.yaml's caption of the first held-out clip (16 frames: 4 at 2 fps) by the
+    """python evaluate.py tests/tiny.yaml's caption of the first held-out clip (16 frames: 4 at 2 fps) by the
     demo's model: its predictions.jsonl record."""
     out = tmp_path_factory.mktemp("demo-eval")
-    evaluate.evaluate(load_config(os.path.join(REPO, "demo.yaml"), [
+    evaluate.evaluate(load_config(os.path.join(REPO, "tests", "tiny.yaml"), [
         f"eval.model={demo_folder[1]}", "eval.baseline=''", f"eval.out_dir={out}", "eval.limit=1",
         "eval.max_new_tokens=24", f"eval.annotations={CLIPS}/heldout/DREAM-1k.jsonl",
         f"eval.video_dir={CLIPS}/heldout"]))

@@ -19,7 +19,7 @@ import model
 from train_worker import letters_reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "demo.yaml")
+DEMO = os.path.join(ROOT, "tests", "tiny.yaml")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
@@ -122,7 +122,7 @@ def run_grpo(args, nproc=1, timeout=300):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_demo_end_to_end(tiny_model_dir, tmp_path, nproc):
     path = tiny_model_dir("qwen2_vl")
-    proc = run_grpo(["demo.yaml", f"model.path={path}", f"train.out_dir={tmp_path}", "train.steps=3",
+    proc = run_grpo(["tests/tiny.yaml", f"model.path={path}", f"train.out_dir={tmp_path}", "train.steps=3",
                      "train.checkpoint_every=2", "train.prompts_per_rank=1", "sampling.max_new_tokens=32",
                      f"sft.out_dir={tmp_path}/sft", "sft.steps=2"], nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -137,7 +137,7 @@ def test_demo_end_to_end(tiny_model_dir, tmp_path, nproc):
     saved = config.load_config(tmp_path / "config.yaml")
     assert saved.train.steps == 3 and saved.model.path == f"{tmp_path}/sft/export"
     if nproc == 1:  # a warm start made from another model is refused, not silently reused
-        again = run_grpo(["demo.yaml", f"model.path={path}-other", f"train.out_dir={tmp_path}",
+        again = run_grpo(["tests/tiny.yaml", f"model.path={path}-other", f"train.out_dir={tmp_path}",
                           f"sft.out_dir={tmp_path}/sft"])
         assert again.returncode == 1
         assert f"{tmp_path}/sft/export was made from model.path={path}" in again.stderr
@@ -160,7 +160,7 @@ def test_sigterm_and_ctrl_c_write_a_checkpoint_and_resume_continues(tiny_model_d
     """As a user stops a run: the step ends, a checkpoint is written, one line says so (Ctrl-C: one more on
     receipt), no traceback; exit 0 for SIGTERM (a scheduler's), 130 for Ctrl-C; the rerun resumes there."""
     path = tiny_model_dir("qwen2_vl")
-    args = ["demo.yaml", f"model.path={path}", f"train.out_dir={tmp_path}", "train.checkpoint_every=0",
+    args = ["tests/tiny.yaml", f"model.path={path}", f"train.out_dir={tmp_path}", "train.checkpoint_every=0",
             "train.warm_start=false",
             "train.export=false", "sampling.max_new_tokens=32"]
     proc = subprocess.Popen([sys.executable, "grpo.py", *args, "train.steps=10000"], cwd=ROOT,
@@ -190,7 +190,7 @@ def test_a_live_run_keeps_its_folder_and_sigterm_in_the_warm_start_exits_0(tiny_
     SIGTERM ends the first after the SFT checkpoint with exit 0 (not 1, advising a random model), and the
     rerun continues the SFT stage, then GRPO."""
     path = tiny_model_dir("qwen2_vl")
-    args = ["demo.yaml", f"model.path={path}", f"train.out_dir={tmp_path}", f"sft.out_dir={tmp_path}/sft",
+    args = ["tests/tiny.yaml", f"model.path={path}", f"train.out_dir={tmp_path}", f"sft.out_dir={tmp_path}/sft",
             "sampling.max_new_tokens=16", "train.prompts_per_rank=1", "sft.prompts_per_rank=2",
             "sft.checkpoint_every=0", "train.export=false"]
     first = subprocess.Popen([sys.executable, "grpo.py", *args, "sft.steps=10000", "train.steps=1"], cwd=ROOT,
@@ -219,7 +219,7 @@ def test_a_live_run_keeps_its_folder_and_sigterm_in_the_warm_start_exits_0(tiny_
     ("model.path=/nonexistent/model", "/nonexistent/model"),
 ])
 def test_bad_configs_fail_clearly(tmp_path, override, message):
-    proc = run_grpo(["demo.yaml", f"train.out_dir={tmp_path}", f"sft.out_dir={tmp_path}/sft",
+    proc = run_grpo(["tests/tiny.yaml", f"train.out_dir={tmp_path}", f"sft.out_dir={tmp_path}/sft",
                      "model.build_tiny=", override], timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
@@ -330,7 +330,7 @@ def test_commands_answer_help_and_refuse_unknown_options(capsys):
         status, out, err = run_main(main, argv, capsys)
         assert status == 0 and "usage" in out.lower(), (main.__module__, argv, out[-500:], err)
     for main in (grpo.main, sft.main, evaluate.main):
-        status, out, err = run_main(main, ["demo.yaml", "--frobnicate"], capsys)
+        status, out, err = run_main(main, ["tests/tiny.yaml", "--frobnicate"], capsys)
         assert status == 2 and "--frobnicate" in err and len(err.splitlines()) == 1, (main.__module__, err)
     # and the scripts themselves, once
     proc = subprocess.run([sys.executable, "grpo.py", "--help"], capture_output=True, text=True, cwd=ROOT,
@@ -372,7 +372,7 @@ def test_a_full_disk_while_logging_names_the_file(tiny_model_dir, tmp_path):
     path = tiny_model_dir("qwen2_vl")
     # ulimit -f 4: no file past 4 KiB; config.yaml (3 KiB) fits, metrics.jsonl fills up after some 5 steps
     proc = subprocess.run(["bash", "-c", 'ulimit -f 4; exec "$0" "$@"', sys.executable, "grpo.py",
-                           "demo.yaml", f"model.path={path}", f"train.out_dir={tmp_path}",
+                           "tests/tiny.yaml", f"model.path={path}", f"train.out_dir={tmp_path}",
                            "train.warm_start=false", "train.steps=40", "train.checkpoint_every=0",
                            "train.export=false", "sampling.max_new_tokens=48", "train.prompts_per_rank=1"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)

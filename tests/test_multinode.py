@@ -119,7 +119,7 @@ def test_nodes_without_a_shared_disk_are_stopped_before_any_model_loads(tmp_path
     for folder in nodes:
         folder.mkdir()
     # each node writes ./run on its own disk: rank 1 would keep its checkpoint shards where rank 0 never looks
-    results = two_nodes(nodes, [f"{ROOT}/grpo.py", f"{ROOT}/demo.yaml", *RUN, "model.path=model",
+    results = two_nodes(nodes, [f"{ROOT}/grpo.py", f"{ROOT}/tests/tiny.yaml", *RUN, "model.path=model",
                                 "train.out_dir=run", "train.steps=1"])
     for code, out, err in results:
         refusal = f"grpo.py: rank 1 cannot see {nodes[0]}/run/checkpoints, where rank 0 keeps"

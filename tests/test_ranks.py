@@ -43,7 +43,7 @@ def torchrun(nproc, mode, overrides, env=None, timeout=300):
 
 def in_process(overrides, monkeypatch, state_out=None):
     """train_worker's `ranks` in this process: a world of one."""
-    cfg = config.load_config(os.path.join(ROOT, "demo.yaml"), overrides)
+    cfg = config.load_config(os.path.join(ROOT, "tests", "tiny.yaml"), overrides)
     monkeypatch.setattr(model, "generate", train_worker.per_video_sampling(model.generate))
     if state_out:
         monkeypatch.setattr(checkpoint, "resume",

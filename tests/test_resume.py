@@ -27,7 +27,7 @@ import train_worker
 import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "demo.yaml")
+DEMO = os.path.join(ROOT, "tests", "tiny.yaml")
 DATA = [f"data.train={ROOT}/tests/data/train.jsonl", f"data.prompt_file={ROOT}/prompts/think.txt"]
 GRPO = [*DATA, "train.warm_start=false", "sampling.group_size=4", "sampling.max_new_tokens=16",
         "train.prompts_per_rank=2", "train.micro_batch_size=8", "train.lr=3e-3", "train.checkpoint_every=0",

@@ -15,7 +15,7 @@ import rewards
 import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "demo.yaml")
+DEMO = os.path.join(ROOT, "tests", "tiny.yaml")
 
 
 def sft_cfg(model_dir, out_dir, *overrides):
@@ -61,7 +61,7 @@ def test_the_export_is_a_model_for_grpo_and_evaluate(tiny_model_dir, tmp_path):
     path = tiny_model_dir("qwen2_5_vl")
     sft.train(sft_cfg(path, tmp_path / "sft", "sft.steps=1", "sft.target=caption"))
     export = str(tmp_path / "sft/export")
-    grpo = subprocess.run([sys.executable, "grpo.py", "demo.yaml", f"model.path={export}",
+    grpo = subprocess.run([sys.executable, "grpo.py", "tests/tiny.yaml", f"model.path={export}",
                            "train.warm_start=false", f"train.out_dir={tmp_path}/grpo", "train.steps=1",
                            "train.prompts_per_rank=1",
                            "sampling.max_new_tokens=8", "train.export=false"],
@@ -75,7 +75,7 @@ def test_the_export_is_a_model_for_grpo_and_evaluate(tiny_model_dir, tmp_path):
                      {"role": "assistant", "content": [{"type": "text", "text": "",
                                                         "reference": "A red square moves right."}]}]}) + "\n")
     os.symlink(f"{ROOT}/tests/data/red_square_right.mp4", tmp_path / "1.mp4")
-    ev = subprocess.run([sys.executable, "evaluate.py", "demo.yaml", f"eval.annotations={annotations}",
+    ev = subprocess.run([sys.executable, "evaluate.py", "tests/tiny.yaml", f"eval.annotations={annotations}",
                          f"eval.video_dir={tmp_path}", f"eval.model={export}",
                          f"eval.out_dir={tmp_path}/eval", "eval.baseline=",
                          "eval.max_new_tokens=8", "eval.think=false", "eval.max_frames=4"],

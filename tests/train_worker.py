@@ -1,5 +1,5 @@
 """What tests/test_ranks.py and tests/test_resume.py run, under torchrun (one process per rank) or alone (a
-world of one): grpo.train on demo.yaml and the overrides, with `letters_reward` (a toy reward that needs no
+world of one): grpo.train on tests/tiny.yaml and the overrides, with `letters_reward` (a toy reward that needs no
 judge and has spread on a random model).
 
     python tests/train_worker.py grpo [key=value ...]                          # the program's own rollout
@@ -100,7 +100,7 @@ def hang_at_step_2(reward_fn):
 
 
 def main(mode, overrides):
-    cfg = config.load_config(os.path.join(ROOT, "demo.yaml"), overrides)
+    cfg = config.load_config(os.path.join(ROOT, "tests", "tiny.yaml"), overrides)
     if mode != "grpo":
         model.generate = per_video_sampling(model.generate)
     if os.environ.get("STATE_OUT"):
