@@ -767,17 +767,18 @@ def print_demo(rows):
           "GRPO. Targets: a rise of at least 0.3 with Tscore or Escore rising, under 180 s in all")
     print(f"{'seed':>4} {'grpo s':>7} {'eval s':>7} {'reward':>13} {'rise':>6} {'format':>11} "
           f"{'Tscore':>11} {'Escore':>11} {'held-out F1 %':>14} {'named %':>12}")
+
+    def pair(r, name):
+        return f"{r[name + '_first']:.2f}->{r[name + '_last']:.2f}"
+
+    def held(r, name):
+        return f"{100 * r[name + '_before']:.1f}->{100 * r[name + '_after']:.1f}"
     for r in rows:
         ok = (r["rise"] >= 0.3 and (r["think_last"] > r["think_first"] or r["event_last"] > r["event_first"])
               and r["grpo_s"] + r["evaluate_s"] < 180)
-        def pair(name):
-            return f"{r[name + '_first']:.2f}->{r[name + '_last']:.2f}"
-
-        def held(name):
-            return f"{100 * r[name + '_before']:.1f}->{100 * r[name + '_after']:.1f}"
-        print(f"{r['seed']:>4} {r['grpo_s']:>7.0f} {r['evaluate_s']:>7.0f} {pair('reward'):>13} "
-              f"{r['rise']:>+6.3f} {pair('format'):>11} {pair('think'):>11} {pair('event'):>11} "
-              f"{held('f1'):>14} {held('named'):>12}  {'met' if ok else 'MISSED'}")
+        print(f"{r['seed']:>4} {r['grpo_s']:>7.0f} {r['evaluate_s']:>7.0f} {pair(r, 'reward'):>13} "
+              f"{r['rise']:>+6.3f} {pair(r, 'format'):>11} {pair(r, 'think'):>11} {pair(r, 'event'):>11} "
+              f"{held(r, 'f1'):>14} {held(r, 'named'):>12}  {'met' if ok else 'MISSED'}")
 
 
 class Sizes(NamedTuple):

@@ -421,7 +421,6 @@ class PendingRewards:
     asked: dict = field(default_factory=dict)    # question key -> Future of the judge's result
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_reply: float | None = None              # time.perf_counter() of the batch's last judge reply
-    prefetched: object = None                    # Future of the references' extraction (start_rewards)
 
 
 def start_rewards(records, cfg, judge):
@@ -436,7 +435,8 @@ def start_rewards(records, cfg, judge):
     references = references if _weights(cfg)["event"] else []
     pool = ThreadPoolExecutor(max(len(records) + len(references), 1), thread_name_prefix="reward")
     pending = PendingRewards(records, cfg, judge, pool)
-    pending.prefetched = pool.submit(_ask_once, pending, [("extract", text) for text in references])
+    if references:  # the rows that need them wait on these questions' futures (_ask_once)
+        pool.submit(_ask_once, pending, [("extract", text) for text in references])
     return pending
 
 
