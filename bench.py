@@ -761,10 +761,10 @@ def bench_demo(seeds=(0, 1, 2, 3, 4), root="runs/bench-demo"):
 
 
 def print_demo(rows):
-    print("\nThe demo, `python grpo.py demo.yaml seed=S && python evaluate.py demo.yaml` from nothing (build, "
-          "warm start, GRPO, both models on the held-out test); reward 0..3 and its parts, means over the "
-          "first and last quarter of the GRPO steps; held-out: event F1 and subjects named, warm start -> "
-          "GRPO. Targets: a rise of at least 0.3 with Tscore or Escore rising, under 180 s in all")
+    print("\nThe demo, `python grpo.py demo.yaml seed=S && python evaluate.py demo.yaml` from nothing "
+          "(build, warm start, GRPO, both models on the held-out test); reward 0..3 and its parts, means "
+          "over the first and last quarter of the GRPO steps; held-out: event F1 and subjects named, warm "
+          "start -> GRPO. Targets: a rise of at least 0.3 with Tscore or Escore rising, under 180 s in all")
     print(f"{'seed':>4} {'grpo s':>7} {'eval s':>7} {'reward':>13} {'rise':>6} {'format':>11} "
           f"{'Tscore':>11} {'Escore':>11} {'held-out F1 %':>14} {'named %':>12}")
 

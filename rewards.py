@@ -431,8 +431,8 @@ def start_rewards(records, cfg, judge):
     references' events to extract (every row asks for its reference's) go out now, before any row ends: they
     do not depend on the completions, and the first rows to end would otherwise wait a judge latency for
     them before asking their own questions."""
-    references = list(dict.fromkeys(r.caption for r in records if r.events is None))
-    references = references if _weights(cfg)["event"] else []
+    weights = _weights(cfg)
+    references = list(dict.fromkeys(r.caption for r in records if _extracts_reference(r, weights)))
     pool = ThreadPoolExecutor(max(len(records) + len(references), 1), thread_name_prefix="reward")
     pending = PendingRewards(records, cfg, judge, pool)
     if references:  # the rows that need them wait on these questions' futures (_ask_once)
@@ -477,7 +477,7 @@ def _judge_row(pending, i, answer):
     """Row i's judged scores (_row_scores), on a thread of the batch: the events to extract (its
     reference's, its answer's for the F1 variant), then its entailments and rating, as _judged_parts."""
     record, cfg, weights = pending.records[i], pending.cfg, _weights(pending.cfg)
-    texts = [record.caption] if weights["event"] and record.events is None else []
+    texts = [record.caption] if _extracts_reference(record, weights) else []
     texts += [answer] if weights["event"] and cfg.event.f1 and answer else []
     extracted = dict(zip(texts, _ask_once(pending, [("extract", t) for t in texts])))
     if answer is None:
@@ -485,6 +485,11 @@ def _judge_row(pending, i, answer):
     asks, results = _questions(answer, record, extracted, cfg, weights)
     results.update(zip(asks, _ask_once(pending, list(asks.values()))))
     return _row_scores(answer, results, cfg, weights)
+
+
+def _extracts_reference(record, weights):
+    """Whether the Escore asks the judge for the events of `record`'s reference (none annotated)."""
+    return bool(weights["event"]) and record.events is None
 
 
 def _ask_once(pending, keys):

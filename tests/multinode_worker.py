@@ -10,8 +10,8 @@ log-probs of a forward; rank 3 sees no model folder and still loads; check_share
 update over a 2x2 HSDP mesh gives the parameters a 1x4 FSDP mesh gives. Rank 0 writes what it found to
 OUT.json.
 
-`grpo`: grpo.train on tests/tiny.yaml with `recording_reward`, which appends each rank's videos of each step to
-train.out_dir/videos-world<W>-rank<R>.jsonl, so that a test can tell which videos were consumed.
+`grpo`: grpo.train on tests/tiny.yaml with `recording_reward`, which appends each rank's videos of each step
+to train.out_dir/videos-world<W>-rank<R>.jsonl, so that a test can tell which videos were consumed.
 """
 import json
 import os

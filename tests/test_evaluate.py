@@ -1005,8 +1005,8 @@ def test_a_group_with_p_and_r_zero_has_f1_zero_where_the_official_gives_nan():
 
 @pytest.fixture(scope="module")
 def demo_folder(tmp_path_factory):
-    """The demo's tiny model (tests/tiny.yaml's model: and data: sections, BPE from the shipped texts), built as
-    grpo.py builds it; its export copies these files (checkpoint.export_hf)."""
+    """The tests' tiny model (tests/tiny.yaml's model: and data: sections, BPE from the shipped texts), built
+    as grpo.py builds it; its export copies these files (checkpoint.export_hf)."""
     import data
     import model
     folder = tmp_path_factory.mktemp("demo")

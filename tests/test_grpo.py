@@ -19,12 +19,12 @@ import model
 from train_worker import letters_reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "tests", "tiny.yaml")
+TINY = os.path.join(ROOT, "tests", "tiny.yaml")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def demo_cfg(model_dir, out_dir, *overrides):
-    return config.load_config(DEMO, [f"model.path={model_dir}", f"train.out_dir={out_dir}",
+    return config.load_config(TINY, [f"model.path={model_dir}", f"train.out_dir={out_dir}",
                                      "train.warm_start=false",
                                      f"data.train={ROOT}/tests/data/train.jsonl",
                                      f"data.prompt_file={ROOT}/prompts/think.txt", *overrides])
@@ -190,9 +190,9 @@ def test_a_live_run_keeps_its_folder_and_sigterm_in_the_warm_start_exits_0(tiny_
     SIGTERM ends the first after the SFT checkpoint with exit 0 (not 1, advising a random model), and the
     rerun continues the SFT stage, then GRPO."""
     path = tiny_model_dir("qwen2_vl")
-    args = ["tests/tiny.yaml", f"model.path={path}", f"train.out_dir={tmp_path}", f"sft.out_dir={tmp_path}/sft",
-            "sampling.max_new_tokens=16", "train.prompts_per_rank=1", "sft.prompts_per_rank=2",
-            "sft.checkpoint_every=0", "train.export=false"]
+    args = ["tests/tiny.yaml", f"model.path={path}", f"train.out_dir={tmp_path}",
+            f"sft.out_dir={tmp_path}/sft", "sampling.max_new_tokens=16", "train.prompts_per_rank=1",
+            "sft.prompts_per_rank=2", "sft.checkpoint_every=0", "train.export=false"]
     first = subprocess.Popen([sys.executable, "grpo.py", *args, "sft.steps=10000", "train.steps=1"], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_lines(tmp_path / "sft" / "metrics.jsonl", 1, first)
@@ -289,7 +289,7 @@ def test_a_short_run_whose_judge_is_down_exits_non_zero_and_keeps_its_url_secret
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "run"
-    argv = [DEMO, f"model.path={tiny_model_dir('qwen2_vl')}", f"train.out_dir={out}",
+    argv = [TINY, f"model.path={tiny_model_dir('qwen2_vl')}", f"train.out_dir={out}",
             "train.warm_start=false",
             f"data.train={ROOT}/tests/data/train.jsonl", f"data.prompt_file={ROOT}/prompts/think.txt",
             "train.steps=4", "train.prompts_per_rank=1", "sampling.group_size=2", "sampling.max_new_tokens=8",

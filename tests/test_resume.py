@@ -27,7 +27,7 @@ import train_worker
 import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "tests", "tiny.yaml")
+TINY = os.path.join(ROOT, "tests", "tiny.yaml")
 DATA = [f"data.train={ROOT}/tests/data/train.jsonl", f"data.prompt_file={ROOT}/prompts/think.txt"]
 GRPO = [*DATA, "train.warm_start=false", "sampling.group_size=4", "sampling.max_new_tokens=16",
         "train.prompts_per_rank=2", "train.micro_batch_size=8", "train.lr=3e-3", "train.checkpoint_every=0",
@@ -36,12 +36,12 @@ SFT = [*DATA, "sft.prompts_per_rank=2", "sft.micro_batch_size=1", "sft.lr=1e-3",
 
 
 def grpo_cfg(model_dir, out_dir, *overrides):
-    return config.load_config(DEMO, [*GRPO, f"model.path={model_dir}", f"train.out_dir={out_dir}",
+    return config.load_config(TINY, [*GRPO, f"model.path={model_dir}", f"train.out_dir={out_dir}",
                                      *overrides])
 
 
 def sft_cfg(model_dir, out_dir, *overrides):
-    return config.load_config(DEMO, [*SFT, f"model.path={model_dir}", f"sft.out_dir={out_dir}", *overrides])
+    return config.load_config(TINY, [*SFT, f"model.path={model_dir}", f"sft.out_dir={out_dir}", *overrides])
 
 
 def logged(out_dir, name="metrics.jsonl"):
@@ -104,7 +104,7 @@ def test_sft_stopped_killed_and_resumed_equals_an_uninterrupted_run(tiny_model_d
     """The same for sft.py, stopped as `python sft.py` by SIGTERM: the weights and every step's loss."""
     path = tiny_model_dir("qwen2_vl")
     stopped, straight = tmp_path / "stopped", tmp_path / "straight"
-    k = stop_with_sigterm([sys.executable, "sft.py", DEMO, *SFT, f"model.path={path}",
+    k = stop_with_sigterm([sys.executable, "sft.py", TINY, *SFT, f"model.path={path}",
                            f"sft.out_dir={stopped}", "sft.steps=1000"], stopped)
     sft.train(sft_cfg(path, stopped, f"sft.steps={k + 2}"))
     kill_after_logging(stopped, k + 2)

@@ -15,11 +15,11 @@ import rewards
 import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "tests", "tiny.yaml")
+TINY = os.path.join(ROOT, "tests", "tiny.yaml")
 
 
 def sft_cfg(model_dir, out_dir, *overrides):
-    return config.load_config(DEMO, [f"model.path={model_dir}", f"sft.out_dir={out_dir}",
+    return config.load_config(TINY, [f"model.path={model_dir}", f"sft.out_dir={out_dir}",
                                      f"data.train={ROOT}/tests/data/train.jsonl",
                                      f"data.prompt_file={ROOT}/prompts/think.txt", "sft.prompts_per_rank=2",
                                      "sft.micro_batch_size=1", "sft.log_every=1", *overrides])
@@ -106,7 +106,7 @@ def test_think_target_needs_subjects_and_bad_settings_fail(tiny_model_dir, tmp_p
                               ("sft.grad_clip=-1", "sft.grad_clip must be >= 0"),
                               ("sft.eval_every=5", "needs data.val")]:
         with pytest.raises(SystemExit) as stop:
-            sft.main([DEMO, override, "data.val="])
+            sft.main([TINY, override, "data.val="])
         assert message in str(stop.value.code), stop.value.code
     help_ = subprocess.run([sys.executable, "sft.py", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert help_.returncode == 0 and "sft.target=caption" in help_.stdout
@@ -122,7 +122,7 @@ def test_an_unwritable_out_dir_is_refused_in_one_line(tmp_path, capsys):
     for main, key in [(sft.main, "sft.out_dir"), (grpo.main, "train.out_dir"),
                       (evaluate.main, "eval.out_dir")]:
         with pytest.raises(SystemExit) as stop:
-            main([DEMO, f"{key}={folder}", "model.build_tiny="])
+            main([TINY, f"{key}={folder}", "model.build_tiny="])
         message = str(stop.value.code)
         assert message.endswith(f"{key}={folder}: cannot write into the folder (disk full or not writable?): "
                                 "Not a directory"), message

@@ -1,6 +1,6 @@
 """What tests/test_ranks.py and tests/test_resume.py run, under torchrun (one process per rank) or alone (a
-world of one): grpo.train on tests/tiny.yaml and the overrides, with `letters_reward` (a toy reward that needs no
-judge and has spread on a random model).
+world of one): grpo.train on tests/tiny.yaml and the overrides, with `letters_reward` (a toy reward that
+needs no judge and has spread on a random model).
 
     python tests/train_worker.py grpo [key=value ...]                          # the program's own rollout
     torchrun --nproc_per_node N tests/train_worker.py ranks [key=value ...]    # per-video sampling
