@@ -332,7 +332,7 @@ def _f1(p, r):
 def _judged_parts(answers, records, cfg, judge, weights):
     events_on, f1 = weights["event"] != 0, cfg.event.f1
     # wave 1: extract events, deduplicated (the G outputs of a video share a caption)
-    need = [r.caption for r in records if r.events is None] if events_on else []
+    need = [r.caption for r in records if _extracts_reference(r, weights)]
     need += [a for a in answers if a] if events_on and f1 else []
     need = list(dict.fromkeys(need))
     extracted = dict(zip(need, judge.extract_events(need)))
