@@ -43,9 +43,10 @@ docs/benchmarks.md.)
    reference pass; update's forward+backward), ours (model.generate sending each completion's judge questions
    as it ends, prefix-shared passes, the rewards awaited after the reference pass) against the usual (HF
    generate with num_return_sequences=G, compute_rewards after it, per-row passes), at the sizes' visual
-   tokens, G = 8, completions of at most 256 tokens, with a loopback judge server (tests/judge_server.py)
-   answering each request after 1 s, 4 at once, and with the lexical judge: seconds per phase, total, the
-   judge's last reply after the last token, peak memory.
+   tokens, G = 8, completions of at most 256 tokens, with loopback judge servers (tests/judge_server.py)
+   answering each request after 1 s, 4 or 16 at once, and with the lexical judge: seconds per phase,
+   total, the judge's last reply after the last token and the least any schedule could give it
+   (least_last_reply), peak memory.
 6. The demo (--demo): `python grpo.py demo.yaml seed=S`, then `python evaluate.py demo.yaml`, from
    nothing (tiny model built, warm start, GRPO, both models scored on the world's held-out test) for
    S = 0..4, each in its own folder: the wall time of each command, the mean reward (0..3) and its parts
@@ -573,7 +574,7 @@ def whole_step(hf, batch, G, new_tokens, judge, ours_way):
     cfg = RewardConfig(cn_weight=1.0)
     ordinary = special_ids(hf.config.text_config.vocab_size)["endoftext"]
     eos = torch.arange(ordinary - 16, ordinary, device=hf.device)
-    policy, times = model_lib.Policy(hf), {}
+    policy, times, ends = model_lib.Policy(hf), {}, {}
     torch.manual_seed(0)
     t0 = time.perf_counter()
     if ours_way:
@@ -582,6 +583,9 @@ def whole_step(hf, batch, G, new_tokens, judge, ours_way):
         def on_end(roll, rows):
             for i, text in zip(rows, step_texts(roll.ids[rows], roll.lengths[rows])):
                 rewards.row_ended(pending, i, text)
+                answer = pending.parsed[i].answer
+                if answer and answer not in ends:  # an answer met before asks nothing new
+                    ends[answer] = time.perf_counter() - t0
         roll = model_lib.generate(hf, batch, G, new_tokens, 1.0, 1.0, eos.tolist(),
                                   hf.config.text_config.pad_token_id, on_end=on_end)
         ids, lengths = roll.ids, roll.lengths
@@ -615,7 +619,21 @@ def whole_step(hf, batch, G, new_tokens, judge, ours_way):
     hf.zero_grad(set_to_none=True)
     hf.eval().requires_grad_(False)
     return {**times, "total": sum(times.values()), "after_last": after_last,
-            "length": float(lengths.float().mean())}
+            "length": float(lengths.float().mean()), "answer_ends": sorted(ends.values())}
+
+
+def least_last_reply(ends, latency, capacity):
+    """The earliest the judge can give whole_step's last reply, by any schedule, in seconds from the step's
+    start: the reference's extraction may be asked at 0, each distinct answer's CN rating when its row ends
+    (`ends`) and its entailment then too, but not before the extraction's reply. The judge answers each
+    request `latency` s after it takes it, `capacity` at a time. With every request taking the same time,
+    taking them in the order they may be asked, each as soon as a slot is free, gives the least makespan."""
+    releases = sorted([0.0, *ends, *(max(e, latency) for e in ends)])
+    free = [0.0] * capacity                            # when each of the judge's slots is next free
+    for r in releases:
+        k = free.index(min(free))
+        free[k] = max(r, free[k]) + latency
+    return max(free)
 
 
 def usual_sampled(hf, batch, G, new_tokens, eos):
@@ -628,49 +646,61 @@ def usual_sampled(hf, batch, G, new_tokens, eos):
     return hf.generate(**batch, generation_config=settings)[:, batch["input_ids"].shape[1]:]
 
 
-def bench_whole_step(hf, visual, G, new_tokens, latency, capacity=4):
-    """whole_step both ways, with a loopback judge server answering each request after `latency` s,
-    `capacity` at once, and with the lexical judge: rows of figures, peak memory included."""
+def bench_whole_step(hf, visual, G, new_tokens, latency, capacities=(4, 16)):
+    """whole_step both ways, with loopback judge servers answering each request after `latency` s, each of
+    `capacities` requests at once (4: fewer than a step asks; 16: a step's questions at once), and with
+    the lexical judge: rows of figures, peak memory included."""
     import judge as judge_lib
     from config import JudgeConfig
     from tests.judge_server import JudgeServer
-    server = JudgeServer(latency=latency, capacity=capacity).start()
-    judges = {f"HTTP, {latency:g} s, {capacity} at once": judge_lib.HTTPJudge(JudgeConfig(
+    servers = {c: JudgeServer(latency=latency, capacity=c).start() for c in capacities}
+    judges = {f"HTTP, {latency:g} s, {c} at once": (judge_lib.HTTPJudge(JudgeConfig(
                   url=server.url, model=server.model, timeout=600, concurrency=64, cache_dir="",
-                  health_check=False)),
-              "lexical": judge_lib.LexicalJudge()}
+                  health_check=False)), c) for c, server in servers.items()}
+    judges["lexical"] = (judge_lib.LexicalJudge(), None)
     rows = []
     try:
         for visual_tokens in visual:
             batch = video_prompt(hf, visual_tokens, hf.device)
-            for name, judge in judges.items():
+            for name, (judge, capacity) in judges.items():
                 for ours_way in (True, False):
                     _, peak, r = measured(lambda: whole_step(hf, batch, G, new_tokens, judge, ours_way),
                                           hf.device)
+                    least = None  # the least "after last" any schedule can give ours' completions
+                    if ours_way and capacity:
+                        least = max(0.0, least_last_reply(r["answer_ends"], latency, capacity) - r["rollout"])
                     rows.append({"visual_tokens": visual_tokens, "judge": name,
-                                 "way": "ours" if ours_way else "usual", "peak_gb": peak / 2**30, **r})
+                                 "way": "ours" if ours_way else "usual", "peak_gb": peak / 2**30,
+                                 "least_after_last": least, **r})
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
     return rows
 
 
 def print_whole_step(rows, G, new_tokens, label):
     print(f"\nWhole GRPO step, {label}: one video, G = {G} sampled completions of at most {new_tokens} "
           "tokens; judge wait: what the step waits for rewards (ours: after the reference pass); after "
-          "last: the judge's last reply after the rollout's last token; peak memory above the start")
-    print(f"{'visual tokens':>13} {'judge':>22} {'way':>5} {'rollout':>8} {'judge wait':>10} "
-          f"{'reference':>9} {'update':>8} {'total':>8} {'after last':>10} {'mean len':>8} {'GiB':>6} "
-          f"{'speed-up':>8}")
+          "last: the judge's last reply after the rollout's last token; least: the least \"after last\" that "
+          "any schedule of the same questions could give, with the same completions' end times and the "
+          "judge's latency and capacity (bench.least_last_reply); peak memory above the start")
+    print(f"{'visual tokens':>13} {'judge':>24} {'way':>5} {'rollout':>8} {'judge wait':>10} "
+          f"{'reference':>9} {'update':>8} {'total':>8} {'after last':>10} {'least':>6} {'mean len':>8} "
+          f"{'GiB':>6} {'speed-up':>8}")
     for r in rows:
         usual = next(u for u in rows if u["way"] == "usual" and u["judge"] == r["judge"]
                      and u["visual_tokens"] == r["visual_tokens"])
-        print(f"{r['visual_tokens']:>13} {r['judge']:>22} {r['way']:>5} {r['rollout']:>8.2f} "
+        print(f"{r['visual_tokens']:>13} {r['judge']:>24} {r['way']:>5} {r['rollout']:>8.2f} "
               f"{r['judge_wait']:>10.2f} {r['reference']:>9.2f} {r['update']:>8.2f} {r['total']:>8.2f} "
-              f"{r['after_last']:>10.2f} "
+              f"{r['after_last']:>10.2f} {_seconds(r['least_after_last']):>6} "
               f"{r['length']:>8.1f} {r['peak_gb']:>6.2f} {usual['total'] / r['total']:>7.2f}x")
 
 
 # ----------------------------------------------------------------------------- report
+
+def _seconds(x):
+    return "-" if x is None else f"{x:.2f}"
+
 
 def print_rollout(rows, G, new_tokens, label):
     print(f"\nRollout, {label}: G = {G}, {new_tokens} new tokens each, greedy")

@@ -36,10 +36,15 @@ def test_quick_bench_prints_its_figures_and_skips_the_gpu():
     assert all(float(r[-2]) <= 1e-5 for r in rows)
     assert all(float(r[-1]) <= 1e-5 for r in rows[1::2])                  # gradients (update rows)
     header = next(i for i, line in enumerate(lines) if line.startswith("Whole GRPO step, CPU")) + 1
-    rows = [line.split() for line in lines[header + 1:header + 9]]
-    assert [(r[0], r[-10]) for r in rows] == [(n, way) for n in ("64", "256") for _ in range(2)
-                                              for way in ("ours", "usual")]
+    rows = [line.split() for line in lines[header + 1:header + 13]]
+    assert [(r[0], r[1], r[-11]) for r in rows] == [(n, judge, way) for n in ("64", "256")
+                                                    for judge in ("HTTP,", "HTTP,", "lexical")
+                                                    for way in ("ours", "usual")]
     assert all(float(r[-1].rstrip("x")) > 0 for r in rows)
+    http_ours = [r for r in rows if r[1] == "HTTP," and r[-11] == "ours"]
+    assert len(http_ours) == 4
+    assert all(float(r[-4]) <= float(r[-5]) + 0.01 for r in http_ours)      # the least is at most what we saw
+    assert all(r[-4] == "-" for r in rows if r not in http_ours)
     assert lines[-1] == "GPU sections skipped: --no-gpu"
 
 
@@ -94,6 +99,16 @@ def test_the_reference_dtype_section_runs_on_cpu():
     r = bench.bench_reference_dtype(hf, 64, 8)
     assert r["bf16_s"] > 0 and r["fp32_s"] > 0 and r["speedup"] > 0
     assert hf.dtype == torch.bfloat16          # handed back as it came
+
+
+def test_the_least_last_reply_by_hand():
+    """The reference's extraction is asked at 0; each answer's CN rating when its row ends, its entailment
+    then too but not before the extraction's reply; each request takes `latency`, `capacity` at a time."""
+    assert bench.least_last_reply([], 1.0, 4) == 1.0                  # the extraction alone
+    assert bench.least_last_reply([0.2], 1.0, 8) == 2.0               # the entailment waits for it: 1 + 1
+    # 2 slots: extraction 0-1, rating 0.5-1.5, entailment 1-2; at 2.0 four requests on two slots: 2-3, 3-4
+    assert bench.least_last_reply([0.5, 2.0, 2.0], 1.0, 2) == 4.0
+    assert bench.least_last_reply([0.5, 2.0, 2.0], 1.0, 4) == 3.0     # at 2.0: the four at once, 2-3
 
 
 def test_demo_learning_figures_from_metrics(tmp_path):
