@@ -690,17 +690,14 @@ def print_whole_step(rows, G, new_tokens, label):
     for r in rows:
         usual = next(u for u in rows if u["way"] == "usual" and u["judge"] == r["judge"]
                      and u["visual_tokens"] == r["visual_tokens"])
+        least = "-" if r["least_after_last"] is None else f"{r['least_after_last']:.2f}"
         print(f"{r['visual_tokens']:>13} {r['judge']:>24} {r['way']:>5} {r['rollout']:>8.2f} "
               f"{r['judge_wait']:>10.2f} {r['reference']:>9.2f} {r['update']:>8.2f} {r['total']:>8.2f} "
-              f"{r['after_last']:>10.2f} {_seconds(r['least_after_last']):>6} "
+              f"{r['after_last']:>10.2f} {least:>6} "
               f"{r['length']:>8.1f} {r['peak_gb']:>6.2f} {usual['total'] / r['total']:>7.2f}x")
 
 
 # ----------------------------------------------------------------------------- report
-
-def _seconds(x):
-    return "-" if x is None else f"{x:.2f}"
-
 
 def print_rollout(rows, G, new_tokens, label):
     print(f"\nRollout, {label}: G = {G}, {new_tokens} new tokens each, greedy")
